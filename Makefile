@@ -1,0 +1,30 @@
+# Two commands from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+DEMO_DIR ?= results/demo
+DEMO_DATA ?= datasets/phantom
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean-demo
+
+install: $(STAMP)
+
+# torch first: a pinned CPU build where this machine has one on disk, so that the range in
+# setup.py is already satisfied and pip pulls no second (CUDA) build.
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q torch
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python tools/demo.py --data $(DEMO_DATA) --out $(DEMO_DIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf $(DEMO_DIR) $(DEMO_DATA)
