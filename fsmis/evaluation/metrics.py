@@ -1,0 +1,72 @@
+"""Overlap and surface metrics. Surface distances come from MONAI, in millimetres.
+
+Dice is computed from confusion counts (TP, FP, FN) so that the per-volume and the pooled
+variants share one definition: ``2 TP / (2 TP + FP + FN)``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Counts:
+    tp: int
+    fp: int
+    fn: int
+
+    @property
+    def dice(self) -> float:
+        denom = 2 * self.tp + self.fp + self.fn
+        return float(2 * self.tp / denom) if denom > 0 else 1.0
+
+    def __add__(self, other: "Counts") -> "Counts":
+        return Counts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
+
+
+def confusion(pred: np.ndarray, gt: np.ndarray) -> Counts:
+    pred = np.asarray(pred, dtype=bool)
+    gt = np.asarray(gt, dtype=bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
+    tp = int(np.count_nonzero(pred & gt))
+    return Counts(tp, int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(gt)) - tp)
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    return confusion(pred, gt).dice
+
+
+def pooled_dice(counts) -> float:
+    total = Counts(0, 0, 0)
+    for c in counts:
+        total = total + c
+    return total.dice
+
+
+def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[float | None, float | None]:
+    """(HD95, symmetric average surface distance) in mm, via MONAI, on the union's bounding box.
+
+    ``spacing`` follows the array's axis order. Returns (None, None) when either mask is empty
+    (the distance is undefined; such volumes are counted, not averaged)."""
+    import torch
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    pred = np.asarray(pred, dtype=bool)
+    gt = np.asarray(gt, dtype=bool)
+    if not pred.any() or not gt.any():
+        return None, None
+    union = pred | gt
+    idx = np.nonzero(union)
+    sl = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in idx)
+    p = torch.from_numpy(np.ascontiguousarray(pred[sl]))[None, None]
+    g = torch.from_numpy(np.ascontiguousarray(gt[sl]))[None, None]
+    spacing = [float(s) for s in spacing]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hd = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=spacing)
+        asd = compute_average_surface_distance(p, g, include_background=True, symmetric=True, spacing=spacing)
+    hd, asd = float(hd.reshape(-1)[0]), float(asd.reshape(-1)[0])
+    return (hd if np.isfinite(hd) else None), (asd if np.isfinite(asd) else None)
