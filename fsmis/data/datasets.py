@@ -139,7 +139,14 @@ class FSMISDataset:
         self.classes = labels
         by_id = {v: k for k, v in labels.items()}
         tests = info.get("test_labels", list(labels))
-        self.test_classes = [by_id[int(t)] if str(t).lstrip("-").isdigit() else str(t) for t in tests]
+        self.test_classes = []
+        for t in tests:
+            if str(t).lstrip("-").isdigit():
+                if int(t) not in by_id:
+                    raise DataError(f"{meta}: test label id {t} is not among the labels {labels}")
+                self.test_classes.append(by_id[int(t)])
+            else:
+                self.test_classes.append(str(t))
         self.supervoxel_dir = self._find_supervoxels(root, info.get("supervoxels"))
 
     @staticmethod
