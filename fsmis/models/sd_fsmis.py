@@ -1,0 +1,165 @@
+"""SD-FSMIS: a Stable Diffusion UNet as a one-step few-shot segmenter.
+
+Data path of one batch of B episodes with K support shots and Q queries each:
+
+  support images/masks --VAE--> latents --[img | mask]--> conv_in_support --UNet (SQI store)
+  query images --VAE--> latents; QE prototype from support latents
+          --[img | proto]--> conv_in_query --UNet (SQI fuse, VTCT token)--> output
+  prediction z_mask = -output (timestep 1; the released DDIM with all betas 1 and
+  v-prediction reduces to this); loss = MSE(output, -z_query_mask) in fp32.
+
+Inference decodes z_mask with the VAE, averages (x+1)/2 over the 3 channels, thresholds at
+``threshold_ratio`` × the maximum over the chunk and keeps the largest 8-connected
+component per slice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .qe import query_enhancement
+from .sqi import install_sqi
+from .vtct import VTCT
+
+TIMESTEP = 1
+
+
+def expand_conv_in(conv: nn.Conv2d, in_channels: int = 8) -> nn.Conv2d:
+    """Weight surgery: [W, W] / 2 along the input channels, bias copied."""
+    if in_channels % conv.in_channels:
+        raise ValueError(f"cannot expand a {conv.in_channels}-channel conv to {in_channels} channels")
+    reps = in_channels // conv.in_channels
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    dtype=conv.weight.dtype, device=conv.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.repeat(1, reps, 1, 1) / reps)
+        new.bias.copy_(conv.bias)
+    return new
+
+
+@dataclass
+class Batch:
+    """Tensors of one batch. Images in [-1, 1] (per-volume min-max), masks in {0, 1}."""
+
+    support_images: torch.Tensor  # [B·K, 1, H, W]
+    support_masks: torch.Tensor  # [B·K, 1, H, W]
+    query_images: torch.Tensor  # [B·Q, 1, H, W]
+    n_shot: int = 1
+    queries_per_episode: int = 1
+    query_masks: torch.Tensor | None = None  # [B·Q, 1, H, W], training only
+
+
+class SDFSMIS(nn.Module):
+    def __init__(self, unet, vae, vtct: VTCT, scaling_factor: float = 0.18215,
+                 qe_threshold: float = 0.7, qe_topk_ratio: float = 0.1875):
+        super().__init__()
+        self.unet = unet
+        self.conv_in_support = expand_conv_in(unet.conv_in, 8)
+        self.conv_in_query = expand_conv_in(unet.conv_in, 8)
+        # the two 8-channel convolutions live outside the UNet; its forward does not check channels
+        unet.conv_in = nn.Identity()
+        self.vae = vae.requires_grad_(False).eval()
+        self.vtct = vtct
+        self.bank = install_sqi(unet)
+        self.scaling_factor = scaling_factor
+        self.qe_threshold = qe_threshold
+        self.qe_topk_ratio = qe_topk_ratio
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    # -- parameter groups (AdamW: UNet at the base LR, VTCT at 5x) -------------------------------
+    def unet_parameters(self):
+        return [*self.unet.parameters(), *self.conv_in_support.parameters(), *self.conv_in_query.parameters()]
+
+    def vtct_parameters(self):
+        return [p for p in self.vtct.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict:
+        """Everything trained: UNet (with the two input convs) and the VTCT's trainable parts."""
+        sd = {}
+        for prefix, mod in (("unet.", self.unet), ("conv_in_support.", self.conv_in_support),
+                            ("conv_in_query.", self.conv_in_query), ("vtct.mlp.", self.vtct.mlp)):
+            sd.update({prefix + k: v for k, v in mod.state_dict().items()})
+        if getattr(self.vtct.encoder, "trainable", False):
+            sd.update({"vtct.encoder." + k: v for k, v in self.vtct.encoder.state_dict().items()})
+        return sd
+
+    # -- VAE -------------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, sample: bool, generator: torch.Generator | None = None):
+        """[N, 1, H, W] in [-1, 1] -> latents [N, 4, h, w] (× scaling factor)."""
+        x = images.to(self.vae.dtype).expand(-1, 3, -1, -1)
+        with torch.no_grad():
+            dist = self.vae.encode(x).latent_dist
+            z = dist.sample(generator=generator) if sample else dist.mean
+        return z * self.scaling_factor
+
+    def decode_probability(self, latents: torch.Tensor) -> torch.Tensor:
+        """Mask latents -> foreground probability [N, H, W] in [0, 1]."""
+        with torch.no_grad():
+            x = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+        return ((x.float() + 1) / 2).mean(1).clamp(0, 1)
+
+    # -- the two passes --------------------------------------------------------------------------
+    def forward_latents(self, s_img_lat, s_mask_lat, q_img_lat, support_images, support_masks,
+                        n_shot: int, queries_per_episode: int) -> torch.Tensor:
+        """UNet output for the query latents (the negated mask-latent prediction)."""
+        cond = self.vtct((support_images.float().expand(-1, 3, -1, -1) + 1) / 2, support_masks, n_shot)
+        cond = cond.to(self.unet.dtype)
+        t = torch.tensor(TIMESTEP, device=q_img_lat.device)
+        bank = self.bank
+        bank.n_shot = n_shot
+        try:
+            bank.mode = "store"
+            x_s = self.conv_in_support(torch.cat([s_img_lat, s_mask_lat], 1).to(self.conv_in_support.weight.dtype))
+            self.unet(x_s, t, encoder_hidden_states=cond.repeat_interleave(n_shot, 0))
+            proto = query_enhancement(s_img_lat.float(), support_masks.float(), q_img_lat.float(), n_shot,
+                                      queries_per_episode, self.qe_threshold, self.qe_topk_ratio)
+            x_q = self.conv_in_query(torch.cat([q_img_lat, proto.to(q_img_lat.dtype)], 1)
+                                     .to(self.conv_in_query.weight.dtype))
+            bank.mode = "fuse"
+            out = self.unet(x_q, t, encoder_hidden_states=cond.repeat_interleave(queries_per_episode, 0)).sample
+        finally:
+            bank.clear()
+        return out
+
+    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        s_img = self.encode(batch.support_images, sample=True, generator=generator)
+        s_msk = self.encode(batch.support_masks * 2 - 1, sample=True, generator=generator)
+        q_img = self.encode(batch.query_images, sample=True, generator=generator)
+        q_msk = self.encode(batch.query_masks * 2 - 1, sample=True, generator=generator)
+        out = self.forward_latents(s_img, s_msk, q_img, batch.support_images, batch.support_masks,
+                                   batch.n_shot, batch.queries_per_episode)
+        return F.mse_loss(out.float(), -q_msk.float())
+
+    @torch.no_grad()
+    def predict_probability(self, batch: Batch) -> torch.Tensor:
+        s_img = self.encode(batch.support_images, sample=False)
+        s_msk = self.encode(batch.support_masks * 2 - 1, sample=False)
+        q_img = self.encode(batch.query_images, sample=False)
+        out = self.forward_latents(s_img, s_msk, q_img, batch.support_images, batch.support_masks,
+                                   batch.n_shot, batch.queries_per_episode)
+        return self.decode_probability(-out)
+
+
+def postprocess(prob: np.ndarray, threshold_ratio: float = 0.25, largest_component: bool = True) -> np.ndarray:
+    """[Q, H, W] probabilities of one chunk -> masks: threshold at ratio × chunk maximum, then the
+    largest 8-connected component per slice."""
+    from scipy import ndimage as ndi
+
+    prob = np.asarray(prob, dtype=np.float32)
+    mask = prob > threshold_ratio * float(prob.max()) if prob.size and prob.max() > 0 else np.zeros(prob.shape, bool)
+    if largest_component:
+        structure = np.ones((3, 3), bool)
+        for i in range(mask.shape[0]):
+            lab, n = ndi.label(mask[i], structure=structure)
+            if n > 1:
+                sizes = np.bincount(lab.ravel())[1:]
+                mask[i] = lab == (int(np.argmax(sizes)) + 1)
+    return mask
