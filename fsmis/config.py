@@ -1,0 +1,173 @@
+"""Experiment configuration: typed dataclasses, YAML files and ``key=value`` overrides.
+
+A config file holds any subset of the sections below; everything else takes the documented
+default. ``train.py --config C data.root=DIR train.max_steps=100`` overrides single keys
+(values parsed as YAML: numbers, booleans, lists, null). Unknown keys are errors, so a typo
+never silently falls back to a default. The resolved config is saved in every run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # dataset root (benchmark folder, *_normalized folder, or dataset.json folder)
+    fold: int = 0
+    protocol: str = "canonical"  # canonical | legacy
+    supp_idx: int = 2
+    setting: int = 1  # 1 | 2
+    exclusion: str = "any"  # any | all (Setting 2)
+    labels: str = "supervoxel"  # supervoxel (self-supervised) | label (GT organs, test group removed)
+    n_val: int = 1  # training cases held out for checkpoint selection
+    min_fg_pixels: int = 200
+    image_size: int = 256
+    augment: bool = True
+    shift_px: int = 0  # random shift (pixels) of support and query, against position copying
+
+
+@dataclass
+class ModelConfig:
+    sd_path: str | None = None  # local diffusers SD folder (unet/, vae/) or single checkpoint file
+    sd_config: str | None = None  # for a single checkpoint file: local folder with unet/ and vae/ configs
+    vae_path: str | None = None  # a separate local AutoencoderKL folder (e.g. the demo VAE)
+    unet: dict | None = None  # UNet2DConditionModel config for random initialisation (no sd_path)
+    vae: dict | None = None  # AutoencoderKL config for random initialisation
+    vtct_encoder: str = "dinov2"  # dinov2 | clip | none
+    vtct_encoder_path: str | None = None
+    vtct_hidden: int = 1536
+    vtct_depth: int = 3
+    vtct_feat_dim: int = 128  # feature size of the "none" encoder
+    scaling_factor: float = 0.18215
+    qe_threshold: float = 0.7
+    qe_topk_ratio: float = 0.1875
+    threshold_ratio: float = 0.25
+    largest_component: bool = True
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 15000  # optimiser steps
+    batch_size: int = 1  # episodes per micro-batch
+    grad_accum: int = 4
+    lr: float = 1e-5  # UNet
+    vtct_lr_mult: float = 5.0  # VTCT MLP at 5x
+    weight_decay: float = 1e-2
+    clip_grad: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    grad_checkpointing: bool = False
+    ema: float = 0.0  # EMA decay of the trained weights; 0 = off
+    seed: int = 42
+    ckpt_every: int = 1000
+    val_every: int = 1000
+    log_every: int = 10
+    image_every: int = 500
+    keep_last: int = 3  # step checkpoints kept besides best and last
+
+
+@dataclass
+class EvalConfig:
+    support: str = "1shot"  # 1shot | 3shot
+    chunk_batch: int = 64  # query slices per forward
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, values: dict, where: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, val in values.items():
+        if key not in fields:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(fields)})")
+        ftype = fields[key].type
+        sub = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+        if cls is Config and key in sub:
+            kwargs[key] = _build(sub[key], val, key)
+        else:
+            kwargs[key] = _coerce(val, ftype, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _coerce(val, ftype, where):
+    t = str(ftype)
+    if val is None:
+        return None
+    if t.startswith("int") and not t.startswith("int |"):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or int(val) != val:
+            raise ConfigError(f"{where}: expected an integer, got {val!r}")
+        return int(val)
+    if t.startswith("float"):
+        if isinstance(val, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                val = float(val)
+            except ValueError:
+                pass
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {val!r}")
+        return float(val)
+    if t == "bool":
+        if not isinstance(val, bool):
+            raise ConfigError(f"{where}: expected true/false, got {val!r}")
+        return val
+    if t.startswith("str"):
+        return str(val)
+    return val
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value (e.g. train.max_steps=100)")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a YAML mapping")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    from .evaluation.results import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
