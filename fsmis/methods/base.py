@@ -54,4 +54,4 @@ def build_predictor(name: str, config: str | None = None, checkpoint: str | None
 
 
 def _load_builtin() -> None:
-    from . import support_copy  # noqa: F401  (registers itself)
+    from . import sdfsmis, support_copy  # noqa: F401  (register themselves)
