@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python tools/demo.py --data $(DEMO_DATA) --out $(DEMO_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 tests $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(DEMO_DATA)

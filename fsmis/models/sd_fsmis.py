@@ -110,7 +110,10 @@ class SDFSMIS(nn.Module):
     def forward_latents(self, s_img_lat, s_mask_lat, q_img_lat, support_images, support_masks,
                         n_shot: int, queries_per_episode: int) -> torch.Tensor:
         """UNet output for the query latents (the negated mask-latent prediction)."""
-        cond = self.vtct((support_images.float().expand(-1, 3, -1, -1) + 1) / 2, support_masks, n_shot)
+        enc_param = next(self.vtct.encoder.parameters(), None)
+        enc_dtype = enc_param.dtype if enc_param is not None else torch.float32
+        cond = self.vtct((support_images.to(enc_dtype).expand(-1, 3, -1, -1) + 1) / 2,
+                         support_masks.to(enc_dtype), n_shot)
         cond = cond.to(self.unet.dtype)
         t = torch.tensor(TIMESTEP, device=q_img_lat.device)
         bank = self.bank

@@ -114,6 +114,8 @@ def masked_pooling(features: torch.Tensor, masks: torch.Tensor, n_shot: int) -> 
     g = features.shape[-2:]
     soft = F.adaptive_avg_pool2d(masks.float(), g)
     hard = (soft >= 0.5).to(features.dtype)
+    if bool((soft.sum((1, 2, 3)) == 0).any()):
+        raise ValueError("VTCT: a support mask is empty; every support shot needs some foreground")
     empty = hard.sum((1, 2, 3)) == 0
     weights = torch.where(empty[:, None, None, None], soft.to(features.dtype), hard)
     pooled = (features * weights).sum((2, 3)) / weights.sum((2, 3)).clamp_min(1e-6)
@@ -143,7 +145,9 @@ class VTCT(nn.Module):
     def forward(self, support_images01: torch.Tensor, support_masks: torch.Tensor, n_shot: int) -> torch.Tensor:
         """support_images01 [B·K, 3, H, W] in [0, 1], support_masks [B·K, 1, H, W] -> [B, 1, D]."""
         feats = self.encoder(support_images01)
-        pooled = masked_pooling(feats.float(), support_masks, n_shot)
+        if feats.dtype in (torch.float16, torch.bfloat16):
+            feats = feats.float()  # pool in fp32
+        pooled = masked_pooling(feats, support_masks.to(feats.dtype), n_shot)
         return self.mlp(pooled.to(next(self.mlp.parameters()).dtype))[:, None, :]
 
 
