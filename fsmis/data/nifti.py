@@ -20,6 +20,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 
+from ..atomic import default_file_mode
+
 OBLIQUE_DEGREES = 20.0
 
 
@@ -214,12 +216,6 @@ def _inverse_ornt(transform: np.ndarray) -> np.ndarray:
     return inv
 
 
-def _default_file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def atomic_save_nifti(data_ijk: np.ndarray, affine: np.ndarray, path: str | Path,
                       header: nib.Nifti1Header | None = None, dtype=None) -> Path:
     """Write a NIfTI file atomically (temporary file in the same folder, then rename)."""
@@ -237,7 +233,7 @@ def atomic_save_nifti(data_ijk: np.ndarray, affine: np.ndarray, path: str | Path
     os.close(fd)
     try:
         nib.save(img, tmp)
-        os.chmod(tmp, _default_file_mode())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
