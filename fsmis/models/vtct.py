@@ -37,7 +37,8 @@ class DinoV2Encoder(nn.Module):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a DINOv2 folder (config.json missing); "
                                     "give model.vtct_encoder_path a local transformers folder")
-        self.model = Dinov2Model.from_pretrained(str(path), local_files_only=True)
+        self.model, self.loading_info = Dinov2Model.from_pretrained(str(path), local_files_only=True,
+                                                                    output_loading_info=True)
         self.model.requires_grad_(False).eval()
         self.size = size
         self.out_dim = self.model.config.hidden_size
