@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Speed and memory of SD-FSMIS: the released form against this project's fast path.
+
+  python tools/bench.py                         # demo architecture on this machine
+  python tools/bench.py --arch sd15 --device cuda --size 256 --json bench.json
+
+Rows, measured in one run on the same random-weight model:
+  train released : fp32, one episode per step (batch 1)
+  train fast     : --precision (bf16 on GPU) autocast, --batch episodes per step
+  eval released  : one query slice per forward (support pass repeated for every slice)
+  eval fast      : every query slice of a chunk in one forward sharing one support pass
+
+Throughput is episodes/s (training) and query slices/s (evaluation); peak memory is the
+GPU's max allocated memory, or on CPU the process's peak resident memory of a fresh worker
+process per row. Each row runs in its own process so that peaks do not mix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _model_cfg(arch: str):
+    from fsmis.config import ModelConfig, load_config
+
+    if arch == "demo":
+        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").model
+        cfg.vae_path = None
+        if cfg.vae is None:
+            from fsmis.models.demo_vae import DEMO_VAE_CONFIG
+
+            cfg.vae = dict(DEMO_VAE_CONFIG)
+        return cfg
+    return ModelConfig(unet=arch, vae=arch, vtct_encoder="none", vtct_feat_dim=768, vtct_hidden=1536)
+
+
+def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: int, steps: int, chunk: int,
+         queue):
+    import torch
+
+    from fsmis.engine.trainer import autocast
+    from fsmis.models.build import build_model
+    from fsmis.models.sd_fsmis import Batch
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model, _ = build_model(_model_cfg(arch))
+    model.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        sync = torch.cuda.synchronize
+    else:
+        def sync():
+            return None
+
+    def episode_batch(b, q=1):
+        return Batch(torch.rand(b, 1, size, size, device=dev) * 2 - 1,
+                     (torch.rand(b, 1, size, size, device=dev) > 0.7).float(),
+                     torch.rand(b * q, 1, size, size, device=dev) * 2 - 1, 1, q,
+                     (torch.rand(b * q, 1, size, size, device=dev) > 0.7).float())
+
+    if kind == "train":
+        opt = torch.optim.AdamW([{"params": model.unet_parameters()}, {"params": model.vtct_parameters()}], lr=1e-5)
+        model.train()
+
+        def step():
+            with autocast(precision, dev):
+                loss = model.loss(episode_batch(batch))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        dt = time.perf_counter() - t0
+        rate = steps * batch / dt
+    else:
+        model.eval()
+        b = episode_batch(1, chunk)
+        per = 1 if batch == 1 else chunk
+
+        def run():
+            with torch.no_grad(), autocast(precision, dev):
+                for i in range(0, chunk, per):
+                    model.predict_probability(Batch(b.support_images, b.support_masks,
+                                                    b.query_images[i:i + per], 1, min(per, chunk - i)))
+
+        run()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run()
+        sync()
+        dt = time.perf_counter() - t0
+        rate = steps * chunk / dt
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    queue.put({"rate": rate, "seconds": dt, "peak_gib": peak})
+
+
+def measure(kind, arch, device, precision, batch, size, steps, chunk):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_row, args=(kind, arch, device, precision, batch, size, steps, chunk, q))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        return {"error": f"worker exited with {p.exitcode}"}
+    return q.get()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="demo", choices=["demo", "tiny", "sd15", "sd21"])
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    ap.add_argument("--size", type=int, default=None, help="image size (default: 128 demo, 256 SD)")
+    ap.add_argument("--batch", type=int, default=8, help="episodes per step on the fast path")
+    ap.add_argument("--precision", default=None, help="fast-path autocast: bf16 | fp16 | fp32 "
+                                                       "(default bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--chunk", type=int, default=16, help="query slices per evaluation chunk")
+    ap.add_argument("--steps", type=int, default=None, help="timed iterations per row")
+    ap.add_argument("--json", help="also write the table as JSON here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    size = args.size or (128 if args.arch == "demo" else 256)
+    precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
+    steps = args.steps or (20 if device.startswith("cuda") else 3)
+    rows = [
+        ("train released", "train", "fp32", 1),
+        ("train fast", "train", precision, args.batch),
+        ("eval released", "eval", "fp32", 1),
+        ("eval fast", "eval", precision, args.chunk),
+    ]
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
+    print(f"bench: arch {args.arch}, {size} px, device {gpu or 'cpu'} "
+          f"({torch.get_num_threads()} threads), {steps} timed iterations per row")
+    results = []
+    for name, kind, prec, batch in rows:
+        r = measure(kind, args.arch, device, prec, batch, size, steps, args.chunk)
+        r.update(row=name, precision=prec, batch=batch)
+        results.append(r)
+        print(f"  {name}: " + (r.get("error") or f"{r['rate']:.2f}/s"), flush=True)
+    unit = {"train": "episodes/s", "eval": "slices/s"}
+    lines = ["| row | precision | batch | throughput | peak memory (GiB) | speed-up |", "|---|---|---|---|---|---|"]
+    for r in results:
+        kind = r["row"].split()[0]
+        base = next(x for x in results if x["row"] == f"{kind} released")
+        sp = f"{r['rate'] / base['rate']:.1f}x" if "rate" in r and "rate" in base else "–"
+        thr = f"{r['rate']:.2f} {unit[kind]}" if "rate" in r else r.get("error")
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "–"
+        lines.append(f"| {r['row']} | {r['precision']} | {r['batch']} | {thr} | {peak} | {sp} |")
+    print("\n".join(lines))
+    if args.json:
+        from fsmis.atomic import atomic_write_json
+
+        atomic_write_json(args.json, {"arch": args.arch, "size": size, "device": gpu or "cpu",
+                                      "steps": steps, "rows": results})
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
