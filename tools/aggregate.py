@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Aggregate several runs' results.json (e.g. seeds, or folds evaluated separately) into
+mean ± std per class.
+
+  python tools/aggregate.py results/seed*/results.json --out results/summary.json
+
+Refuses to mix runs whose protocol differs (every switch but the folds evaluated must match),
+so a table never averages numbers produced under different protocols.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+IGNORED = {"fold_ids", "folds_evaluated"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="results.json files (or folders holding one)")
+    p.add_argument("--out", help="write the aggregate as JSON here")
+    args = p.parse_args(argv)
+
+    from fsmis.atomic import atomic_write_json
+    from fsmis.evaluation.protocol import mean_std_over_runs
+
+    runs = []
+    for r in args.results:
+        path = Path(r) / "results.json" if Path(r).is_dir() else Path(r)
+        if not path.is_file():
+            print(f"error: {path}: not found", file=sys.stderr)
+            return 2
+        runs.append((path, json.loads(path.read_text())))
+    ref_path, ref = runs[0]
+    ref_proto = {k: v for k, v in ref["protocol"].items() if k not in IGNORED}
+    for path, res in runs[1:]:
+        proto = {k: v for k, v in res["protocol"].items() if k not in IGNORED}
+        diff = sorted(k for k in set(proto) | set(ref_proto) if proto.get(k) != ref_proto.get(k))
+        if diff:
+            print(f"error: {path} was produced under another protocol than {ref_path} ({', '.join(diff)})",
+                  file=sys.stderr)
+            return 2
+    agg = mean_std_over_runs([r for _, r in runs])
+    agg["protocol"] = ref_proto
+    agg["runs"] = [str(p) for p, _ in runs]
+    classes = list(agg["per_class"])
+    print("| | " + " | ".join(classes) + " | mean |")
+    print("|---|" + "---|" * (len(classes) + 1))
+    cells = [f"{100 * agg['per_class'][c]['mean']:.2f} ± {100 * agg['per_class'][c]['std']:.2f}"
+             if agg["per_class"][c] else "–" for c in classes]
+    m = agg["mean_dice"]
+    print(f"| Dice (%), {len(runs)} runs | " + " | ".join(cells) + f" | {100 * m['mean']:.2f} ± {100 * m['std']:.2f} |")
+    if args.out:
+        atomic_write_json(args.out, agg)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
