@@ -1,7 +1,7 @@
 """Unsupervised supervoxels / superpixels for self-supervised episodes (protocol §4).
 
-Nothing here needs a compile step: the graph segmentation runs in numba (JIT at first use,
-about a second), everything else is numpy / scipy / scikit-image.
+Nothing here needs a compile step: the graph segmentation runs in numba (JIT at first use, a
+few seconds once per process), everything else is numpy / scipy / scikit-image.
 
 Two pseudo-label families:
 
@@ -12,11 +12,25 @@ Two pseudo-label families:
 * :func:`superpixels_2d`: the SSL-ALPNet 2D superpixels: scikit-image ``felzenszwalb`` on
   every slice (min_size 400, sigma 1, scale 1), superpixels outside the body dropped.
 
-:func:`make_dataset_supervoxels` writes either for every case of a dataset folder;
-``tools/make_supervoxels.py`` is its command line.
+:func:`make_dataset_supervoxels` writes either for every case of a dataset folder (cases in
+parallel, ``workers``); ``tools/make_supervoxels.py`` is its command line.
+
+Defaults and deviations (3D). The defaults are the published behaviour: a 26-connected voxel
+graph (``connectivity=26``) and a body mask made of the largest 2D component of every slice
+(``body_per_slice=True``), as the ADNet script. Measured against the 35 published Card-MRI
+``supervoxels_1000`` files, the defaults give identical body masks, the same number of
+supervoxels on 21 of 35 cases and an adjusted Rand index of 0.946-1.000 per case (what
+remains: the order of equal-weight edges and the id numbering). The only switchable
+deviation is a speed-up, off by default: ``connectivity=6, body_per_slice=False`` (a
+6-connected graph and the largest 3D component as body mask; ``--fast`` on the command line)
+is about 3-4x faster but does NOT reproduce the published supervoxels (ARI 0.71-0.89 against
+them). Always on, and harmless: ids are consecutive ``1..n`` (ADNet leaves gaps).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import numba
@@ -29,7 +43,9 @@ __all__ = [
     "supervoxels_3d",
     "superpixels_2d",
     "make_dataset_supervoxels",
+    "plan_dataset_supervoxels",
     "default_min_size",
+    "available_cpus",
 ]
 
 
@@ -37,93 +53,195 @@ __all__ = [
 # graph segmentation kernel (numba)
 # --------------------------------------------------------------------------------------------
 # cache=False on purpose: numba's on-disk cache lives beside the source file (or in a user
-# cache dir) and can go stale or race between processes; the JIT costs ~1 s once per process.
+# cache dir) and can go stale or race between processes; the JIT costs a few seconds once per
+# process. nogil=True: the kernels run in parallel threads (make_dataset_supervoxels).
+#
+# Edges. Directions d = 0..D-1 (3 for 6-connectivity, 13 "forward" offsets for 26); for each,
+# one edge per voxel a = (z, y, x) whose neighbour b = a + offset exists, enumerated direction
+# by direction, each in C order of that sub-grid. The processing order is the stable sort of
+# the weights in this enumeration order (ties keep it), i.e. ``np.argsort(w, kind="stable")``.
+# Each edge is carried as the payload ``(d << shift) | a`` (flat C index of a): increasing in
+# the enumeration index, so the stable sort is the same, and b = a + delta[d] needs no division.
+
 
 @numba.njit(cache=False, nogil=True)
-def _find(parent, i):
+def _fill_edges(vol, dz, dy, dx, factors, bounds, shift, w, p):
+    """Weights ``w[e] = |vol[b] - vol[a]| * factors[d]`` and payloads ``p[e] = (d << shift) | a``."""
+    nz, ny, nx = vol.shape
+    for d in range(dz.shape[0]):
+        oz, oy, ox = dz[d], dy[d], dx[d]
+        f = factors[d]
+        y0 = -oy if oy < 0 else 0
+        x0 = -ox if ox < 0 else 0
+        y1 = ny - oy if oy > 0 else ny
+        x1 = nx - ox if ox > 0 else nx
+        tag = np.int64(d) << shift
+        e = bounds[d]
+        for z in range(nz - oz):
+            for y in range(y0, y1):
+                row = (z * ny + y) * nx
+                for x in range(x0, x1):
+                    w[e] = abs(vol[z + oz, y + oy, x + ox] - vol[z, y, x]) * f
+                    p[e] = tag | (row + x)
+                    e += 1
+
+
+@numba.njit(cache=False, nogil=True)
+def _radix_sort_pairs(keys, vals):
+    """Stable sort of non-negative int64 ``keys`` carrying ``vals`` (LSD radix sort).
+
+    For non-negative float64 weights, ``w.view(np.int64)`` orders exactly as the floats, so this
+    is ``np.argsort(w, kind="stable")`` (about 3x faster here). Keys are offset so that only the
+    bits that vary are sorted (zero stays 0, nonzero keys map to ``1..``), in passes of at most
+    12 bits; a pass whose digit is the same for every key is skipped. Both inputs are used as
+    buffers; returns ``(sorted keys, vals in the same order)``.
+    """
+    n = keys.shape[0]
+    if n < 2:
+        return keys, vals
+    kmin = np.int64(0x7FFFFFFFFFFFFFFF)
+    kmax = np.int64(0)
+    for i in range(n):
+        k = keys[i]
+        if k > kmax:
+            kmax = k
+        if k != 0 and k < kmin:
+            kmin = k
+    if kmax == 0:
+        return keys, vals
+    base = kmin - 1
+    span = kmax - base
+    bits = 0
+    while (span >> bits) != 0:
+        bits += 1
+    npass = (bits + 11) // 12
+    width = (bits + npass - 1) // npass
+    nbuck = 1 << width
+    mask = nbuck - 1
+    hist = np.zeros((npass, nbuck), np.int64)
+    for i in range(n):
+        k = keys[i]
+        t = k - base if k != 0 else 0
+        for q in range(npass):
+            hist[q, (t >> (q * width)) & mask] += 1
+    kbuf = np.empty_like(keys)
+    vbuf = np.empty_like(vals)
+    pos = np.empty(nbuck, np.int64)
+    for q in range(npass):
+        sh = q * width
+        k0 = keys[0]
+        t0 = k0 - base if k0 != 0 else 0
+        if hist[q, (t0 >> sh) & mask] == n:
+            continue
+        s = 0
+        for b in range(nbuck):
+            pos[b] = s
+            s += hist[q, b]
+        for i in range(n):
+            k = keys[i]
+            t = k - base if k != 0 else 0
+            dgt = (t >> sh) & mask
+            j = pos[dgt]
+            pos[dgt] = j + 1
+            kbuf[j] = k
+            vbuf[j] = vals[i]
+        keys, kbuf = kbuf, keys
+        vals, vbuf = vbuf, vals
+    return keys, vals
+
+
+@numba.njit(cache=False, nogil=True)
+def _find(node, i):
+    """Root of voxel ``i``; ``node[:, 0]`` = parent, ``node[:, 1]`` = size (valid at roots)."""
     root = i
-    while parent[root] != root:
-        root = parent[root]
-    while parent[i] != root:  # path compression
-        nxt = parent[i]
-        parent[i] = root
+    while node[root, 0] != root:
+        root = node[root, 0]
+    while node[i, 0] != root:  # path compression
+        nxt = node[i, 0]
+        node[i, 0] = root
         i = nxt
     return root
 
 
 @numba.njit(cache=False, nogil=True)
-def _edge_ends(e, offsets, dz, dy, dx, nz, ny, nx):
-    """Voxel indices (flat, C order) of the two ends of enumerated edge ``e``.
+def _felzenszwalb_kernel(sorted_w, edges, shift, delta, n, k, min_size):
+    """Felzenszwalb & Huttenlocher merging over edges sorted by weight; int32 labels [n].
 
-    Edges are enumerated direction by direction; for direction ``d`` the block
-    ``offsets[d]:offsets[d+1]`` holds one edge per voxel of the sub-grid of voxels whose
-    neighbour ``(z+dz, y+dy, x+dx)`` exists, in C order of that sub-grid.
+    ``sorted_w``: the weights in processing order; ``edges``: their payloads (consumed).
+    Two exact short cuts (the result is the plain two-pass algorithm's):
+
+    * pass 1 stops at the first weight ``w >= max(merged weights, 0) + k``: every threshold
+      ``Int(C) + k/|C|`` is at most that (``Int(C)`` is a merged weight), so neither this edge
+      nor any later one can merge; the edges it rejected before are kept (in order) for pass 2;
+    * pass 2 (min_size) visits only edges not yet inside one segment (pass-1 rejects, then all
+      edges after the stop) and stops once no segment is smaller than ``min_size``.
     """
-    d = 0
-    while e >= offsets[d + 1]:
-        d += 1
-    local = e - offsets[d]
-    oz, oy, ox = dz[d], dy[d], dx[d]
-    sy = ny - abs(oy)
-    sx = nx - abs(ox)
-    z = local // (sy * sx)
-    rem = local - z * sy * sx
-    y = rem // sx
-    x = rem - y * sx
-    # sub-grid start: max(0, -offset) along each axis (oz >= 0 always)
-    if oy < 0:
-        y -= oy
-    if ox < 0:
-        x -= ox
-    a = (z * ny + y) * nx + x
-    b = ((z + oz) * ny + (y + oy)) * nx + (x + ox)
-    return a, b
-
-
-@numba.njit(cache=False, nogil=True)
-def _felzenszwalb_kernel(order, costs, offsets, dz, dy, dx, nz, ny, nx, k, min_size):
-    n = nz * ny * nx
-    parent = np.arange(n)
-    size = np.ones(n, dtype=np.int64)
+    node = np.empty((n, 2), np.int32)  # parent and size side by side: one cache line per root
+    for v in range(n):
+        node[v, 0] = v
+        node[v, 1] = 1
     cint = np.zeros(n, dtype=np.float64)
-    m = order.shape[0]
+    m = edges.shape[0]
+    amask = (np.int64(1) << shift) - 1
     # 1) greedy merging in increasing edge weight (Felzenszwalb & Huttenlocher 2004)
+    nrej = 0
+    limit = 0.0 + k
+    stop = m
     for i in range(m):
-        e = order[i]
-        a, b = _edge_ends(e, offsets, dz, dy, dx, nz, ny, nx)
-        r0 = _find(parent, a)
-        r1 = _find(parent, b)
+        w = sorted_w[i]
+        if w >= limit:
+            stop = i
+            break
+        pe = np.int64(edges[i])
+        a = pe & amask
+        b = a + delta[pe >> shift]
+        r0 = _find(node, a)
+        r1 = _find(node, b)
         if r0 == r1:
             continue
-        w = costs[e]
-        t0 = cint[r0] + k / size[r0]
-        t1 = cint[r1] + k / size[r1]
+        t0 = cint[r0] + k / node[r0, 1]
+        t1 = cint[r1] + k / node[r1, 1]
         if w < min(t0, t1):
             lo = min(r0, r1)
             hi = max(r0, r1)
-            parent[hi] = lo  # the root is always the smallest voxel index of the segment
-            size[lo] += size[hi]
+            node[hi, 0] = lo  # the root is always the smallest voxel index of the segment
+            node[lo, 1] += node[hi, 1]
             cint[lo] = w
+            limit = w + k
+        else:
+            edges[nrej] = edges[i]  # nrej <= i: overwrites only edges already visited
+            nrej += 1
     # 2) min_size post-processing, one more pass in the same edge order (as scikit-image)
     if min_size > 1:
-        for i in range(m):
-            e = order[i]
-            a, b = _edge_ends(e, offsets, dz, dy, dx, nz, ny, nx)
-            r0 = _find(parent, a)
-            r1 = _find(parent, b)
+        small = 0
+        for v in range(n):
+            if node[v, 0] == v and node[v, 1] < min_size:
+                small += 1
+        total = nrej + (m - stop)
+        for j in range(total):
+            if small == 0:
+                break
+            pe = np.int64(edges[j] if j < nrej else edges[stop + j - nrej])
+            a = pe & amask
+            b = a + delta[pe >> shift]
+            r0 = _find(node, a)
+            r1 = _find(node, b)
             if r0 == r1:
                 continue
-            if size[r0] < min_size or size[r1] < min_size:
+            s0 = node[r0, 1]
+            s1 = node[r1, 1]
+            if s0 < min_size or s1 < min_size:
                 lo = min(r0, r1)
                 hi = max(r0, r1)
-                parent[hi] = lo
-                size[lo] += size[hi]
+                node[hi, 0] = lo
+                node[lo, 1] = s0 + s1
+                small -= (s0 < min_size) + (s1 < min_size) - (s0 + s1 < min_size)
     # 3) consecutive labels in raster (z, y, x) order of each segment's first voxel
     labels = np.empty(n, dtype=np.int32)
     new_id = np.full(n, -1, dtype=np.int32)
     nxt = 0
     for v in range(n):
-        r = _find(parent, v)
+        r = _find(node, v)
         if new_id[r] < 0:
             new_id[r] = nxt
             nxt += 1
@@ -140,10 +258,9 @@ _OFFSETS_26 = tuple(
 )
 
 
-def _span(n: int, o: int, end: int) -> slice:
-    """Start (``end=0``) or end (``end=1``) voxels of the edges with offset ``o`` along an axis."""
-    start = max(0, -o) + (o if end else 0)
-    return slice(start, start + n - abs(o))
+# edge payloads are int32 (half the memory traffic of the sort) while (d << shift) | a fits in
+# this many bits, i.e. up to 2**27 voxels; int64 above (tests lower it to check that path)
+_INT32_PAYLOAD_BITS = 31
 
 
 def _edge_factor(offset, spacing_zyx) -> float:
@@ -165,13 +282,14 @@ def felzenszwalb_3d(
     sigma: float = 0.0,
     min_size: int = 5000,
     *,
-    connectivity: int = 6,
+    connectivity: int = 26,
 ) -> np.ndarray:
     """Felzenszwalb & Huttenlocher graph segmentation of a 3D volume (numba, no compile step).
 
-    Graph: one node per voxel; edges between 6-connected neighbours (``connectivity=6``,
-    default) or 26-connected neighbours (``connectivity=26``, the neighbourhood of the ADNet
-    Cython kernel).
+    Graph: one node per voxel; edges between 26-connected neighbours (``connectivity=26``,
+    default: the neighbourhood of the ADNet Cython kernel, needed to reproduce the published
+    supervoxels) or, opt-in, 6-connected neighbours (``connectivity=6``: about a quarter of
+    the edges, 3-4x faster, different segments).
 
     Edge weight (the choice made here, after the ADNet ``felzenszwalb_3d`` kernel, a modified
     scikit-image ``_felzenszwalb_cy``)::
@@ -193,8 +311,9 @@ def felzenszwalb_3d(
     an edge joins two segments when ``w < min(Int(C1) + k/|C1|, Int(C2) + k/|C2|)``. Then
     one pass over the edges in the same order merges any segment smaller than ``min_size``
     with its neighbour (so no segment is smaller than ``min_size`` unless the whole connected
-    volume is). Edges are ordered by ``np.argsort(kind="stable")`` over weights enumerated
-    direction by direction, each in C order, so ties and therefore results are deterministic.
+    volume is). Edge order: float64 weights, enumerated direction by direction (each in C
+    order), stably sorted (ties keep the enumeration order), i.e. ``np.argsort(w,
+    kind="stable")``, computed by an exact radix sort; results are deterministic.
 
     ``sigma`` > 0: Gaussian pre-smoothing ``scipy.ndimage.gaussian_filter(sigma / spacing)``,
     i.e. ``sigma`` is in the units of ``spacing_zyx`` (mm when spacing is in mm), as in ADNet.
@@ -214,35 +333,32 @@ def felzenszwalb_3d(
         raise ValueError("volume contains NaN or infinite values")
     if sigma and sigma > 0:
         vol = ndi.gaussian_filter(vol, sigma=float(sigma) / spacing)
+    vol = np.ascontiguousarray(vol)
     nz, ny, nx = vol.shape
-    if vol.size == 0:
+    n = vol.size
+    if n == 0:
         return np.zeros(vol.shape, np.int32)
 
     offsets = _OFFSETS_6 if connectivity == 6 else _OFFSETS_26
-    cost_blocks, used = [], []
-    for off in offsets:
-        oz, oy, ox = off
-        a = vol[_span(nz, oz, 0), _span(ny, oy, 0), _span(nx, ox, 0)]
-        b = vol[_span(nz, oz, 1), _span(ny, oy, 1), _span(nx, ox, 1)]
-        if a.size == 0:
-            continue
-        c = np.abs(b - a)
-        c *= _edge_factor(off, spacing)
-        cost_blocks.append(c.ravel())
-        used.append(off)
-    if not cost_blocks:  # a single voxel
+    dz, dy, dx = (np.array([o[i] for o in offsets], dtype=np.int64) for i in range(3))
+    factors = np.array([_edge_factor(o, spacing) for o in offsets], dtype=np.float64)
+    counts = [(nz - o[0]) * (ny - abs(o[1])) * (nx - abs(o[2])) for o in offsets]
+    bounds = np.zeros(len(offsets) + 1, dtype=np.int64)
+    bounds[1:] = np.cumsum(counts)
+    m = int(bounds[-1])
+    if m == 0:  # a single voxel
         return np.zeros(vol.shape, np.int32)
-    costs = np.concatenate(cost_blocks)
-    del cost_blocks
-    bounds = np.zeros(len(used) + 1, dtype=np.int64)
-    bounds[1:] = np.cumsum([(nz - o[0]) * (ny - abs(o[1])) * (nx - abs(o[2])) for o in used])
-    order = np.argsort(costs, kind="stable")
-    dz = np.array([o[0] for o in used], dtype=np.int64)
-    dy = np.array([o[1] for o in used], dtype=np.int64)
-    dx = np.array([o[2] for o in used], dtype=np.int64)
-    labels = _felzenszwalb_kernel(
-        order, costs, bounds, dz, dy, dx, nz, ny, nx, float(scale) / 255.0, int(min_size)
-    )
+    shift = max(1, (n - 1).bit_length())
+    payload = np.int32 if shift + (len(offsets) - 1).bit_length() <= _INT32_PAYLOAD_BITS else np.int64
+    weights = np.empty(m, dtype=np.float64)
+    edges = np.empty(m, dtype=payload)
+    _fill_edges(vol, dz, dy, dx, factors, bounds, shift, weights, edges)
+    # float64 >= 0 orders as its int64 bit pattern (abs() never gives -0.0)
+    keys, edges = _radix_sort_pairs(weights.view(np.int64), edges)
+    del weights
+    delta = (dz * ny + dy) * nx + dx
+    labels = _felzenszwalb_kernel(keys.view(np.float64), edges, shift, delta, n,
+                                  float(scale) / 255.0, int(min_size))
     return labels.reshape(vol.shape)
 
 
@@ -269,13 +385,14 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == int(np.argmax(counts))  # ties: the lowest component id
 
 
-def body_mask(volume_zyx: np.ndarray, threshold: float = 10, *, per_slice: bool = False) -> np.ndarray:
+def body_mask(volume_zyx: np.ndarray, threshold: float = 10, *, per_slice: bool = True) -> np.ndarray:
     """Body (foreground) mask: bool [Z, Y, X].
 
-    The volume is rescaled to 0-255 by its own min/max, thresholded (``> threshold``), the
-    largest 3D connected component (26-connectivity) is kept and holes are filled slice by
-    slice. ``per_slice=True`` keeps the largest 2D component of every slice instead (8-
-    connectivity), as the SSL-ALPNet / ADNet scripts do. An empty threshold gives an empty mask.
+    The volume is rescaled to 0-255 by its own min/max and thresholded (``> threshold``).
+    ``per_slice=True`` (default, as the SSL-ALPNet / ADNet scripts): the largest 2D component
+    (8-connectivity) of every slice, holes filled. ``per_slice=False`` (opt-in): the largest 3D
+    connected component (26-connectivity), holes filled slice by slice; it drops any part of
+    the foreground not 3D-connected to the largest one. An empty threshold gives an empty mask.
     """
     vol = rescale_255(volume_zyx)
     if vol.ndim != 3:
@@ -318,22 +435,32 @@ def supervoxels_3d(
     sigma: float = 0.0,
     body_threshold: float = 10,
     *,
-    connectivity: int = 6,
+    connectivity: int = 26,
+    body_per_slice: bool = True,
 ) -> np.ndarray:
     """ADNet-family 3D supervoxels (what ``supervoxels_<n>/superpix-MIDDLE_<id>.nii.gz`` holds).
 
     The volume is rescaled to 0-255 (per volume min/max), segmented by :func:`felzenszwalb_3d`
     (spacing-weighted edges, ``k = scale/255`` on the 0-255 intensities, as ADNet), voxels
-    outside :func:`body_mask` (threshold ``body_threshold`` on the 0-255 volume, largest 3D
-    component, holes filled per slice) are set to 0 and the supervoxels are renumbered
-    ``1..n`` inside the body (raster order of their first body voxel; supervoxels with no body
-    voxel are dropped). Unlike ADNet, ids are consecutive and the body mask is one 3D component
-    (ADNet: largest component per slice). Returns int32 [Z, Y, X].
+    outside :func:`body_mask` (threshold ``body_threshold`` on the 0-255 volume) are set to 0
+    and the supervoxels are renumbered ``1..n`` inside the body (raster order of their first
+    body voxel; supervoxels with no body voxel are dropped). Returns int32 [Z, Y, X].
+
+    Defaults reproduce the published ADNet-family files: ``connectivity=26`` (26-connected
+    voxel graph) and ``body_per_slice=True`` (body = largest 2D component of each slice, holes
+    filled), as the ADNet script. On the 35 published Card-MRI ``supervoxels_1000`` files:
+    identical body masks, the same supervoxel count on 21/35 cases, ARI 0.946-1.000 (left:
+    the order of equal-weight edges and the id numbering: ids here are consecutive, ADNet
+    leaves gaps).
+
+    Opt-in speed-up (a deviation): ``connectivity=6, body_per_slice=False`` (6-connected graph,
+    largest 3D component as body mask) is about 3-4x faster but does not reproduce the
+    published supervoxels (ARI 0.71-0.89 against them).
     """
     vol = rescale_255(volume_zyx)
     seg = felzenszwalb_3d(vol, spacing_zyx, scale=scale, sigma=sigma, min_size=min_size,
                           connectivity=connectivity)
-    mask = body_mask(vol, body_threshold)
+    mask = body_mask(vol, body_threshold, per_slice=body_per_slice)
     out, _ = _relabel_inside(seg, mask, start=1)
     return out
 
@@ -387,29 +514,33 @@ def default_min_size(dataset_name: str, mode: str = "3d") -> int:
     return 1000 if str(dataset_name).upper() == "CMR" else 5000
 
 
-def make_dataset_supervoxels(
-    data_dir,
-    mode: str = "3d",
-    min_size: int | None = None,
-    scale: float = 1.0,
-    sigma: float | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    *,
-    body_threshold: float = 10,
-    connectivity: int = 6,
-) -> Path:
-    """Write supervoxels (``mode="3d"``) or superpixels (``"2d"``) for every case of a dataset.
+@dataclass
+class SupervoxelPlan:
+    """What :func:`make_dataset_supervoxels` will do for a dataset folder."""
 
-    Output: ``superpix-MIDDLE_<id>.nii.gz`` (int32, on each image's own stored grid and affine)
-    in ``supervoxels_<min_size>/`` (3D) or ``superpixels_<min_size>/`` (2D), placed beside the
-    ``*_normalized`` folder for the published benchmark layout and inside the folder for a
-    ``dataset.json`` folder. Defaults: 3D min_size 5000 (1000 for CMR), sigma 0; 2D min_size
-    400, sigma 1. Cases whose output exists are skipped unless ``overwrite``. Returns the
-    output folder.
-    """
+    dataset: object  # fsmis.data.datasets.FSMISDataset
+    mode: str
+    min_size: int
+    sigma: float
+    scale: float
+    out_dir: Path
+    case_ids: list
+    existing: list  # case ids whose output file already exists
+
+    def describe(self) -> str:
+        kind = "3D supervoxels" if self.mode == "3d" else "2D superpixels"
+        return (
+            f"{kind} for {self.dataset.name} ({self.dataset.modality}, {len(self.case_ids)} cases) "
+            f"from {self.dataset.image_dir}\n"
+            f"  min_size={self.min_size} sigma={self.sigma:g} scale={self.scale:g}\n"
+            f"  output: {self.out_dir} ({len(self.existing)} of {len(self.case_ids)} files already there)"
+        )
+
+
+def plan_dataset_supervoxels(data_dir, mode: str = "3d", min_size: int | None = None,
+                             sigma: float | None = None, scale: float = 1.0) -> SupervoxelPlan:
+    """Resolve the dataset, the defaults and the output folder (see :func:`make_dataset_supervoxels`)."""
     from .datasets import open_dataset
-    from .nifti import load_volume, save_like
 
     mode = str(mode).lower()
     if mode not in ("3d", "2d"):
@@ -424,26 +555,125 @@ def make_dataset_supervoxels(
         sigma = 1.0 if mode == "2d" else 0.0
     folder = f"{'supervoxels' if mode == '3d' else 'superpixels'}_{min_size}"
     image_dir = Path(ds.image_dir)
+    # dataset.json folder: inside it; published layout: beside the "*_normalized" folder
     base = image_dir if (image_dir / "dataset.json").is_file() else image_dir.parent
     out_dir = base / folder
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     ids = list(ds.case_ids)
-    iterator = ids
+    existing = [c for c in ids if (out_dir / f"superpix-MIDDLE_{c}.nii.gz").exists()]
+    return SupervoxelPlan(ds, mode, min_size, float(sigma), float(scale), out_dir, ids, existing)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _write_case(image_path: Path, out_path: Path, mode: str, params: dict) -> None:
+    """Load one image, segment it, write ``out_path`` atomically; errors name the image file."""
+    from .nifti import DataError, load_volume, save_like
+
+    vol = load_volume(image_path)  # DataError naming the file if unreadable
+    try:
+        if mode == "3d":
+            seg = supervoxels_3d(vol.array, vol.spacing, **params)
+        else:
+            seg = superpixels_2d(vol.array, **params)
+        save_like(seg, vol, out_path, dtype=np.int32)
+    except (DataError, MemoryError):
+        raise
+    except Exception as exc:
+        raise DataError(f"{image_path}: computing {out_path.name} failed: "
+                        f"{type(exc).__name__}: {exc}") from exc
+
+
+def make_dataset_supervoxels(
+    data_dir,
+    mode: str = "3d",
+    min_size: int | None = None,
+    scale: float = 1.0,
+    sigma: float | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    *,
+    body_threshold: float = 10,
+    connectivity: int = 26,
+    body_per_slice: bool = True,
+    workers: int | None = None,
+) -> Path:
+    """Write supervoxels (``mode="3d"``) or superpixels (``"2d"``) for every case of a dataset.
+
+    ``data_dir``: a published benchmark folder (``CMR/`` or ``CMR/cmr_MR_normalized/``, ...)
+    or a folder with ``dataset.json`` (resolved by :func:`fsmis.data.datasets.open_dataset`).
+    Output: ``superpix-MIDDLE_<id>.nii.gz`` (int32, on each image's own stored grid and affine)
+    in ``supervoxels_<min_size>/`` (3D) or ``superpixels_<min_size>/`` (2D), placed beside the
+    ``*_normalized`` folder for the published benchmark layout and inside the folder for a
+    ``dataset.json`` folder. Defaults: 3D min_size 5000 (1000 for CMR), sigma 0; 2D min_size
+    400, sigma 1. Cases whose output exists are skipped unless ``overwrite``. Each file is
+    written atomically (temporary file, then rename). Returns the output folder.
+
+    ``connectivity`` / ``body_per_slice`` (3D only; 2D superpixels always use the per-slice
+    body mask): see :func:`supervoxels_3d`. The defaults (26, True) reproduce the published
+    supervoxels; ``connectivity=6, body_per_slice=False`` is the opt-in faster deviation.
+
+    ``workers``: cases computed at the same time, in threads (the numba kernels release the
+    GIL); default ``min(available CPUs, cases to compute)``. The output does not depend on it.
+    Memory: about 0.35 kB per voxel per worker with 26-connectivity (0.9 GB for 40x256x256).
+    An error stops the run (cases not started are not computed; files already written stay)
+    and is raised as :class:`fsmis.data.nifti.DataError` naming the image file.
+    """
+    plan = plan_dataset_supervoxels(data_dir, mode, min_size, sigma, scale)
+    ds, out_dir = plan.dataset, plan.out_dir
+    if workers is not None:
+        if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+            raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+        workers = int(workers)
+    if plan.mode == "3d":
+        if connectivity not in (6, 26):
+            raise ValueError(f"connectivity must be 6 or 26, got {connectivity!r}")
+        params = dict(min_size=plan.min_size, scale=plan.scale, sigma=plan.sigma,
+                      body_threshold=body_threshold, connectivity=int(connectivity),
+                      body_per_slice=bool(body_per_slice))
+    else:
+        params = dict(min_size=plan.min_size, sigma=plan.sigma, scale=plan.scale,
+                      body_threshold=body_threshold)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for cid in plan.case_ids:
+        out_path = out_dir / f"superpix-MIDDLE_{cid}.nii.gz"
+        if overwrite or not out_path.exists():
+            jobs.append((Path(ds.image_path(cid)), out_path))
+    n_workers = min(available_cpus() if workers is None else workers, max(1, len(jobs)))
+
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(ids, desc=f"{ds.name} {mode} {folder}", unit="case")
-    for cid in iterator:
-        out_path = out_dir / f"superpix-MIDDLE_{cid}.nii.gz"
-        if out_path.exists() and not overwrite:
-            continue
-        vol = load_volume(ds.image_path(cid))
-        if mode == "3d":
-            seg = supervoxels_3d(vol.array, vol.spacing, min_size=min_size, scale=scale, sigma=sigma,
-                                 body_threshold=body_threshold, connectivity=connectivity)
+        bar = tqdm(total=len(plan.case_ids), initial=len(plan.case_ids) - len(jobs),
+                   desc=f"{ds.name} {out_dir.name}", unit="case")
+    try:
+        if n_workers == 1:
+            for image_path, out_path in jobs:
+                _write_case(image_path, out_path, plan.mode, params)
+                if bar is not None:
+                    bar.update(1)
         else:
-            seg = superpixels_2d(vol.array, min_size=min_size, sigma=sigma, scale=scale,
-                                 body_threshold=body_threshold)
-        save_like(seg, vol, out_path, dtype=np.int32)
+            with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="supervoxels") as pool:
+                futures = [pool.submit(_write_case, ip, op, plan.mode, params) for ip, op in jobs]
+                pending = set(futures)
+                try:
+                    while pending:
+                        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                        for fut in done:
+                            fut.result()  # re-raises the first error
+                            if bar is not None:
+                                bar.update(1)
+                finally:
+                    for fut in pending:  # after an error (or Ctrl-C): start no further case
+                        fut.cancel()
+    finally:
+        if bar is not None:
+            bar.close()
     return out_dir
