@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--query-cases", nargs="+", help="query case ids for --support-case")
     p.add_argument("--no-surface", action="store_true", help="skip HD95/ASD (faster)")
     p.add_argument("--no-nifti", action="store_true", help="do not write NIfTI predictions")
+    p.add_argument("--no-figures", action="store_true",
+                   help="do not write overlay PNGs (support, query, prediction, ground truth; one per fold)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -87,14 +89,32 @@ def main(argv=None) -> int:
         written = write_results(results, out)
         if sink is not None:
             written += sink.flush()
+        if not args.no_figures:
+            written += write_figures(ds, predictor, results, out / "figures")
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()
     print(results_markdown(results))
     print(f"wrote {len(written)} files under {out}: results.json, results.csv, results.md"
-          + ("" if args.no_nifti else f", {len(written) - 3} predictions in {out / 'predictions'}"))
+          + ("" if args.no_nifti else f", predictions in {out / 'predictions'}")
+          + ("" if args.no_figures else f", overlays in {out / 'figures'}"))
     return 0
+
+
+def write_figures(ds, predictor, results, folder: Path) -> list:
+    """One overlay panel per fold: for each class, the middle slice of the first query case."""
+    from fsmis.data.normalize import normalize_volume
+    from fsmis.evaluation.figures import example_rows, overlay_panel
+
+    written = []
+    for f in results["folds"]:
+        rows = example_rows(ds, predictor, f, results["protocol"]["test_classes"], normalize_volume)
+        if rows:
+            name = "explicit" if f["fold"] is None else f"fold{f['fold']}"
+            written.append(overlay_panel(rows, folder / f"{name}.png",
+                                         f"{predictor.name} on {ds.name}, {name}, support {f['support']}"))
+    return written
 
 
 class PredictionWriter:

@@ -228,6 +228,7 @@ def test_test_py_cli_writes_documented_schema(tmp_path):
     assert "organ" in (out / "results.md").read_text()
     pred = nib.load(str(out / "predictions" / "explicit" / "pred_1.nii.gz"))
     assert pred.shape == (W, H, Z)
+    assert (out / "figures" / "explicit.png").stat().st_size > 1000
     # a bad case id exits non-zero with a message naming the case
     bad = subprocess.run(cmd[:-4] + ["--support-case", "9", "--query-cases", "1"], capture_output=True,
                          text=True, cwd=ROOT)
