@@ -11,8 +11,6 @@ written back on the file's own grid.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 
-from ..atomic import default_file_mode
+from ..atomic import atomic_target
 
 OBLIQUE_DEGREES = 20.0
 
@@ -228,17 +226,8 @@ def atomic_save_nifti(data_ijk: np.ndarray, affine: np.ndarray, path: str | Path
     img.set_data_dtype(data_ijk.dtype)
     if hdr is not None:
         img.header.set_slope_inter(1.0, 0.0)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         nib.save(img, tmp)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

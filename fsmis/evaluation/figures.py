@@ -1,11 +1,11 @@
 """Overlay panels (support, query, prediction, ground truth) for reports."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..atomic import atomic_target
 
 
 def _contour(ax, mask, color):
@@ -43,18 +43,12 @@ def overlay_panel(rows: list[dict], path: str | Path, title: str | None = None) 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
+        with atomic_target(path) as tmp:
+            fig.savefig(tmp, dpi=90)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def example_rows(dataset, predictor, fold_result: dict, classes, normalize) -> list[dict]:
