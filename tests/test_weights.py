@@ -549,3 +549,14 @@ def test_sd15_architecture_from_a_random_fp16_folder(tmp_path):
     c = parameter_counts(model)
     assert c["unet"] + c["conv_in_support"] - (8 - 4) * 320 * 9 == report.unet.params
     print(f"\nSD-1.5 random folder written and built in {time.perf_counter() - t0:.1f} s")
+    # the dry run of train.py on the same folder: load report, parameter counts, nothing trained
+    del model
+    cfg = tmp_path / "sd15.yaml"
+    cfg.write_text("name: sd15_dry\nmodel:\n  vtct_encoder: none\n  vtct_feat_dim: 768\n")
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--config", str(cfg),
+                          "--dry-run", f"model.sd_path={tmp_path / 'sd15'}"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "686/686" in res.stdout and "248/248" in res.stdout and "sqi_layers=16" in res.stdout
+    assert "dry run: nothing trained" in res.stdout
+    assert not list(tmp_path.glob("checkpoints*"))
