@@ -17,7 +17,6 @@ process per row. Each row runs in its own process so that peaks do not mix.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import resource
 import sys
