@@ -151,6 +151,20 @@ def test_sdfsmis_predictor_through_test_py(tmp_path, tiny_data):
     assert res["method"]["method"] == "sdfsmis"
     assert 0.0 <= res["mean_dice"] <= 1.0
     assert res["protocol"]["normalization"] == "minmax"
+    # the scan-level tool with the same predictor: output on the query's own grid
+    pred = tmp_path / "pred.nii.gz"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "predict.py"), "--method", "sdfsmis",
+                           "--config", str(cfg_path), "--checkpoint", str(tmp_path / "run"),
+                           "--support-image", str(tiny_data / "image_0.nii.gz"),
+                           "--support-label", str(tiny_data / "label_0.nii.gz"), "--label", "6",
+                           "--query-image", str(tiny_data / "image_1.nii.gz"), "--out", str(pred)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import nibabel as nib
+
+    out_img, ref = nib.load(str(pred)), nib.load(str(tiny_data / "image_1.nii.gz"))
+    assert out_img.shape == ref.shape and np.allclose(out_img.affine, ref.affine)
+    assert set(np.unique(np.asarray(out_img.dataobj)).tolist()) <= {0, 6}
 
 
 def test_ddp_two_processes_on_cpu(tmp_path, tiny_data):
