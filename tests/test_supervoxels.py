@@ -259,7 +259,8 @@ def test_defaults_are_the_published_settings():
     assert np.array_equal(sv, supervoxels_3d(vol, (4.0, 1.0, 1.0), min_size=30,
                                              connectivity=26, body_per_slice=True))
     assert np.array_equal(sv > 0, per_slice)
-    assert np.array_equal(felzenszwalb_3d(vol, min_size=30), felzenszwalb_3d(vol, min_size=30, connectivity=26))
+    assert np.array_equal(felzenszwalb_3d(vol, min_size=30),
+                          felzenszwalb_3d(vol, min_size=30, connectivity=26))
     fast = supervoxels_3d(vol, (4.0, 1.0, 1.0), min_size=30, connectivity=6, body_per_slice=False)
     assert np.array_equal(fast > 0, in_3d)
 
@@ -356,7 +357,8 @@ def test_workers_do_not_change_the_output(tmp_path):
     results = {}
     for workers in (1, 2, None):
         out = make_dataset_supervoxels(root, min_size=40, progress=False, overwrite=True, workers=workers)
-        results[workers] = {p.name: np.asarray(nib.load(str(p)).dataobj) for p in sorted(out.glob("*.nii.gz"))}
+        results[workers] = {p.name: np.asarray(nib.load(str(p)).dataobj)
+                            for p in sorted(out.glob("*.nii.gz"))}
         assert not list(out.glob(".tmp-*"))
     assert len(results[1]) == 3
     for workers in (2, None):
