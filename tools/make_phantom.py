@@ -20,7 +20,7 @@ files of any folder.
 Examples
   python tools/make_phantom.py --out datasets/phantom/ct --modality ct
   python tools/make_phantom.py --out datasets/phantom/mr --modality mr --cases 10 --seed 1
-  python tools/make_phantom.py --out /tmp/tiny --cases 2 --slices 12 --size 64 --no-supervoxels
+  python tools/make_phantom.py --out datasets/tiny --cases 2 --slices 12 --size 64 --no-supervoxels
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Write a diffusers-format Stable Diffusion folder with RANDOM weights (no download).
 
-    python tools/make_random_sd.py --arch tiny --out /tmp/sd-tiny
-    python tools/make_random_sd.py --arch sd15 --out /tmp/sd15-random --dtype fp16
+    python tools/make_random_sd.py --arch tiny --out checkpoints/sd-tiny
+    python tools/make_random_sd.py --arch sd15 --out checkpoints/sd15-random --dtype fp16
 
 The folder (unet/, vae/, model_index.json; weights as diffusion_pytorch_model.safetensors) has the
 layout of a real SD checkpoint folder, so ``model.sd_path=DIR`` exercises the real, strict loading

@@ -16,7 +16,7 @@ when the data and the training arguments are unchanged.
 
 Examples
   python tools/train_vae.py --data datasets/phantom/ct --out runs/demo_vae
-  python tools/train_vae.py --data /tmp/phantom_ct --out /tmp/vae_cache --cache --steps 300
+  python tools/train_vae.py --data datasets/phantom/ct --out checkpoints/vae_cache --cache --steps 300
   python tools/train_vae.py --data datasets/phantom/ct datasets/phantom/mr --out runs/demo_vae_ct_mr
 """
 from __future__ import annotations
