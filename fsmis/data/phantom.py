@@ -53,13 +53,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from ..atomic import atomic_write_json
 
 GENERATOR_VERSION = 1
 DEFAULT_SHAPE = (40, 256, 256)
@@ -678,30 +678,6 @@ def _phantom_files(out_dir: Path):
             yield p
 
 
-def _umask_mode(path: Path) -> None:
-    """Give a file written through a temporary file the usual permissions (0666 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    try:
-        os.chmod(path, 0o666 & ~mask)
-    except OSError:  # pragma: no cover
-        pass
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _umask_mode(path)
-
-
 def make_phantom_dataset(out_dir, modality: str = "ct", n_cases: int = 8, seed: int = 0,
                          shape=DEFAULT_SHAPE, progress: bool = True, supervoxels: bool = True,
                          overwrite: bool = False, supervoxel_min_size: int | None = None) -> Path:
@@ -757,7 +733,7 @@ def make_phantom_dataset(out_dir, modality: str = "ct", n_cases: int = 8, seed: 
         "generator": _generator_info(modality, n_cases, seed, shape),
     }
     # written first: an interrupted run leaves a folder that is recognised (and regenerated)
-    _write_json(out_dir / "dataset.json", info)
+    atomic_write_json(out_dir / "dataset.json", info)
     children = np.random.SeedSequence([int(seed), 0 if modality == "ct" else 1]).spawn(n_cases)
     bar = None
     if progress:
@@ -773,7 +749,6 @@ def make_phantom_dataset(out_dir, modality: str = "ct", n_cases: int = 8, seed: 
             for kind, arr, dtype in (("image", image, np.float32), ("label", label, np.int16)):
                 path = out_dir / f"{kind}_{cid}.nii.gz"
                 atomic_save_nifti(np.transpose(arr, (2, 1, 0)), aff, path, dtype=dtype)
-                _umask_mode(path)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -782,7 +757,5 @@ def make_phantom_dataset(out_dir, modality: str = "ct", n_cases: int = 8, seed: 
     if supervoxels:
         from .supervoxels import make_dataset_supervoxels
 
-        sv_dir = make_dataset_supervoxels(out_dir, min_size=min_size, overwrite=True, progress=progress)
-        for p in Path(sv_dir).glob("superpix-MIDDLE_*.nii.gz"):
-            _umask_mode(p)
+        make_dataset_supervoxels(out_dir, min_size=min_size, overwrite=True, progress=progress)
     return out_dir
