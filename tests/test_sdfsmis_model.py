@@ -590,6 +590,37 @@ def test_gradients_flow_through_the_support_pass():
     assert not model.vae.training  # frozen VAE stays in eval mode under model.train()
 
 
+@pytest.mark.parametrize("b,k", [(1, 1), (2, 3)])
+def test_gradient_checkpointing_gives_the_plain_gradients(b, k):
+    """train.grad_checkpointing re-runs blocks in the backward pass after the SQI bank was
+    cleared; the pass's mode and store travel with the forward's arguments, so the loss and
+    every gradient (support pass included) equal the plain computation."""
+    plain = make_model(5).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.unet.enable_gradient_checkpointing()
+    g = torch.Generator().manual_seed(9)
+    batch = Batch(torch.rand(b * k, 1, IMG, IMG, generator=g) * 2 - 1, rect_masks(b * k, 11),
+                  torch.rand(b, 1, IMG, IMG, generator=g) * 2 - 1, k, 1, rect_masks(b, 12))
+    losses = []
+    for m in (plain, ckpt):
+        loss = m.loss(batch, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        losses.append(loss.detach())
+        assert not m.bank.store and m.bank.mode == "off"
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
+    names = dict(plain.named_parameters())
+    checked = 0
+    for name, p in ckpt.named_parameters():
+        ref = names[name].grad
+        if ref is None:
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        checked += 1
+    assert checked > 50
+    assert float(ckpt.conv_in_support.weight.grad.abs().sum()) > 0
+
+
 def test_model_runs_in_float64():
     """The whole model cast with .double() (a mixed/other-precision model in general) must run:
     the support images handed to the VTCT encoder must follow the model's dtype."""

@@ -121,13 +121,15 @@ class SDFSMIS(nn.Module):
         try:
             bank.mode = "store"
             x_s = self.conv_in_support(torch.cat([s_img_lat, s_mask_lat], 1).to(self.conv_in_support.weight.dtype))
-            self.unet(x_s, t, encoder_hidden_states=cond.repeat_interleave(n_shot, 0))
+            self.unet(x_s, t, encoder_hidden_states=cond.repeat_interleave(n_shot, 0),
+                      cross_attention_kwargs=bank.context())
             proto = query_enhancement(s_img_lat.float(), support_masks.float(), q_img_lat.float(), n_shot,
                                       queries_per_episode, self.qe_threshold, self.qe_topk_ratio)
             x_q = self.conv_in_query(torch.cat([q_img_lat, proto.to(q_img_lat.dtype)], 1)
                                      .to(self.conv_in_query.weight.dtype))
             bank.mode = "fuse"
-            out = self.unet(x_q, t, encoder_hidden_states=cond.repeat_interleave(queries_per_episode, 0)).sample
+            out = self.unet(x_q, t, encoder_hidden_states=cond.repeat_interleave(queries_per_episode, 0),
+                            cross_attention_kwargs=bank.context()).sample
         finally:
             bank.clear()
         return out

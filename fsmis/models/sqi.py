@@ -13,11 +13,28 @@ only. One :class:`SQIBank` is shared by all of them:
 The stored tensors are not detached: gradients flow through the support pass. Batched
 episodes (B > 1) and batched evaluation chunks (Q > 1 queries sharing one support pass) are
 the same computation as one episode / one query at a time (tested).
+
+Gradient checkpointing re-runs each transformer block during the backward pass, after the
+forward has finished and the bank has been cleared. So the UNet forward carries the pass's
+mode and its store in ``cross_attention_kwargs={"sqi": bank.context()}``: a re-run block sees
+the mode and the very support tensors of its original call (a store pass re-run does not
+store again). Checkpointed gradients equal the plain ones (tested).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+class SQIContext:
+    """What one UNet pass needs: its mode, the shot count and the store it reads or fills."""
+
+    __slots__ = ("mode", "n_shot", "store")
+
+    def __init__(self, mode: str, n_shot: int, store: dict):
+        self.mode = mode
+        self.n_shot = n_shot
+        self.store = store
 
 
 class SQIBank:
@@ -27,8 +44,13 @@ class SQIBank:
         self.store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def clear(self) -> None:
-        self.store.clear()
+        # a new dict, not .clear(): re-run (checkpointed) blocks still hold the old one
+        self.store = {}
         self.mode = "off"
+
+    def context(self) -> dict:
+        """``cross_attention_kwargs`` for the next UNet forward."""
+        return {"sqi": SQIContext(self.mode, self.n_shot, self.store)}
 
 
 class SQIAttnProcessor:
@@ -39,7 +61,7 @@ class SQIAttnProcessor:
         self.bank = bank
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
+                 temb=None, sqi: SQIContext | None = None, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(f"SQI processor {self.name} is for self-attention (attn1) only")
         residual = hidden_states
@@ -65,11 +87,12 @@ class SQIAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        mode = self.bank.mode
+        ctx = sqi if sqi is not None else SQIContext(self.bank.mode, self.bank.n_shot, self.bank.store)
+        mode = ctx.mode
         if mode == "store":
-            self.bank.store[self.name] = (key, value)
+            ctx.store.setdefault(self.name, (key, value))  # a checkpoint re-run keeps the original
         elif mode == "fuse":
-            key, value = self._fuse(key, value)
+            key, value = self._fuse(key, value, ctx)
         elif mode != "off":
             raise ValueError(f"unknown SQI mode {mode!r}")
 
@@ -83,11 +106,11 @@ class SQIAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _fuse(self, key, value):
-        if self.name not in self.bank.store:
+    def _fuse(self, key, value, ctx: SQIContext):
+        if self.name not in ctx.store:
             raise RuntimeError(f"SQI: no stored support keys for {self.name}; run the support pass first")
-        s_key, s_value = self.bank.store[self.name]
-        k_shot = self.bank.n_shot
+        s_key, s_value = ctx.store[self.name]
+        k_shot = ctx.n_shot
         n_items, heads, n_tok, d = s_key.shape
         if n_items % k_shot:
             raise RuntimeError(f"SQI: {n_items} support items is not a multiple of n_shot={k_shot}")
@@ -108,9 +131,22 @@ class SQIAttnProcessor:
         return torch.cat([key, gather(s_key)], dim=2), torch.cat([value, gather(s_value)], dim=2)
 
 
+def _plain_processor():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class PlainAttnProcessor(AttnProcessor2_0):
+        """diffusers' SDPA processor that accepts (and ignores) the SQI context."""
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     temb=None, sqi=None, **kwargs):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+    return PlainAttnProcessor
+
+
 def install_sqi(unet) -> SQIBank:
     """Set SQI processors on every ``attn1`` layer and SDPA processors elsewhere; return the bank."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    plain = _plain_processor()
 
     bank = SQIBank()
     procs = {}
@@ -118,7 +154,7 @@ def install_sqi(unet) -> SQIBank:
         if name.endswith("attn1.processor"):
             procs[name] = SQIAttnProcessor(name, bank)
         else:
-            procs[name] = AttnProcessor2_0()
+            procs[name] = plain()
     unet.set_attn_processor(procs)
     return bank
 
