@@ -116,3 +116,22 @@ def test_unreadable_folder_exits_2(tmp_path):
                         str(tmp_path)], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert r.returncode == 2 and "nope" in r.stderr
+
+
+def test_a_257_grid_archive_compares_through_world_coordinates(prepared, tmp_path):
+    """The original SABS notebook wrote 257 x 257; such an archive still compares (resampled)."""
+    b = tmp_path / "B" / "chaos_MR_T2_normalized"
+    b.mkdir(parents=True)
+    for cid in ("1", "2"):
+        img, aff = read_ijk(_inner(prepared) / f"image_{cid}.nii.gz")
+        lab, _ = read_ijk(_inner(prepared) / f"label_{cid}.nii.gz")
+        zyx = lambda a: np.ascontiguousarray(np.transpose(a, (2, 1, 0)))  # noqa: E731
+        img2, lab2, aff2 = prep.resample_to(zyx(img), zyx(lab).astype(np.int32), aff, (None, None, None),
+                                            (None, 257, 257))
+        write_raw_nifti(b / f"image_{cid}.nii.gz", np.transpose(img2, (2, 1, 0)), aff2)
+        write_raw_nifti(b / f"label_{cid}.nii.gz", np.transpose(lab2, (2, 1, 0)).astype(np.float64), aff2)
+    res = compare_datasets(prepared, b.parent)
+    for r in res["cases"]:
+        assert r["shape_b"] == [5, 257, 257] and r["grid"] == "resampled B onto A"
+        assert r["correlation"] > 0.98
+        assert all(d > 0.95 for d in r["dice"].values()), r["dice"]

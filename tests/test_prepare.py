@@ -539,3 +539,17 @@ def test_cli_prepares_and_verifies(tmp_path):
                         "--raw", str(raw), "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 2 and "no CHAOS MR patients" in r.stderr
+
+
+def test_parallel_workers_write_the_same_files(tmp_path):
+    raw = make_cmr_raw(tmp_path / "raw", patients=(1, 2, 4), unlabelled=())
+    one = prep.prepare_dataset("cmr", raw, tmp_path / "one", progress=False, supervoxels=False)
+    two = prep.prepare_dataset("cmr", raw, tmp_path / "two", progress=False, supervoxels=False, workers=2)
+    assert (one / "checksums.sha256").read_text() == (two / "checksums.sha256").read_text()
+    assert len((one / "checksums.sha256").read_text().splitlines()) == 3 * 2 + 2  # pairs, dataset.json, classmap
+
+
+def test_help_names_the_datasets():
+    r = subprocess.run([sys.executable, str(REPO / "tools/prepare_dataset.py"), "--help"], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert r.returncode == 0 and "--dataset {sabs,chaos,cmr}" in r.stdout and "--verify" in r.stdout

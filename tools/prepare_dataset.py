@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Prepare a benchmark (Abd-CT, Abd-MRI, Card-MRI) from its raw download (protocol §1-§4).
+"""Prepare a benchmark (Abd-CT, Abd-MRI, Card-MRI) from its raw download (protocol sections 1-4).
 
 --dataset sabs   Synapse multi-atlas abdomen CT, RawData (img/imgNNNN.nii.gz, label/labelNNNN.nii.gz):
                  HU [-125, 275] -> [0, 255], 32 px border crop, in-plane 256 x 256, z kept;
