@@ -728,7 +728,7 @@ def prepare_dataset(plan_or_dataset, raw=None, out=None, *, sequence: str = "C0"
             bar.close()
     write_classmap(plan)
     write_report(plan)
-    write_checksums(plan.out, plan.image_dir, plan.supervoxel_dir if plan.supervoxels else None)
+    write_checksums(plan.out, plan.image_dir, plan.supervoxel_dir)  # whatever supervoxels are there
     return plan.out
 
 
