@@ -61,6 +61,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     grad_checkpointing: bool = False
+    fused_optimizer: bool = True  # fused AdamW kernel on CUDA (no effect on CPU)
     ema: float = 0.0  # EMA decay of the trained weights; 0 = off
     seed: int = 42
     ckpt_every: int = 1000

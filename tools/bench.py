@@ -6,7 +6,8 @@
 
 Rows, measured in one run on the same random-weight model:
   train released : fp32, one episode per step (batch 1)
-  train fast     : --precision (bf16 on GPU) autocast, --batch episodes per step
+  train fast     : --precision (bf16 on GPU) autocast, --batch episodes per step, fused AdamW
+                   on CUDA (--grad-ckpt adds the same with gradient checkpointing)
   eval released  : one query slice per forward (support pass repeated for every slice)
   eval fast      : every query slice of a chunk in one forward sharing one support pass
 
@@ -41,10 +42,11 @@ def _model_cfg(arch: str):
 
 
 def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: int, steps: int, chunk: int,
-         queue):
+         grad_ckpt: bool, fast: bool, queue):
     import torch
 
-    from fsmis.engine.trainer import autocast
+    from fsmis.config import TrainConfig
+    from fsmis.engine.trainer import autocast, make_optimizer
     from fsmis.models.build import build_model
     from fsmis.models.sd_fsmis import Batch
 
@@ -52,6 +54,8 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
     dev = torch.device(device)
     model, _ = build_model(_model_cfg(arch))
     model.to(dev)
+    if grad_ckpt:
+        model.unet.enable_gradient_checkpointing()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         sync = torch.cuda.synchronize
@@ -66,7 +70,8 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
                      (torch.rand(b * q, 1, size, size, device=dev) > 0.7).float())
 
     if kind == "train":
-        opt = torch.optim.AdamW([{"params": model.unet_parameters()}, {"params": model.vtct_parameters()}], lr=1e-5)
+        # the trainer's optimiser (two groups); the fast path adds the fused kernel on CUDA
+        opt = make_optimizer(model, TrainConfig(lr=1e-5, fused_optimizer=fast), dev)
         model.train()
 
         def step():
@@ -110,10 +115,10 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
     queue.put({"rate": rate, "seconds": dt, "peak_gib": peak})
 
 
-def measure(kind, arch, device, precision, batch, size, steps, chunk):
+def measure(kind, arch, device, precision, batch, size, steps, chunk, grad_ckpt=False, fast=False):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_row, args=(kind, arch, device, precision, batch, size, steps, chunk, q))
+    p = ctx.Process(target=_row, args=(kind, arch, device, precision, batch, size, steps, chunk, grad_ckpt, fast, q))
     p.start()
     p.join()
     if p.exitcode != 0:
@@ -131,6 +136,8 @@ def main(argv=None) -> int:
                                                        "(default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--chunk", type=int, default=16, help="query slices per evaluation chunk")
     ap.add_argument("--steps", type=int, default=None, help="timed iterations per row")
+    ap.add_argument("--grad-ckpt", action="store_true",
+                    help="add a 'train fast + ckpt' row: the fast path with gradient checkpointing")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args(argv)
 
@@ -141,18 +148,19 @@ def main(argv=None) -> int:
     precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
     steps = args.steps or (20 if device.startswith("cuda") else 3)
     rows = [
-        ("train released", "train", "fp32", 1),
-        ("train fast", "train", precision, args.batch),
-        ("eval released", "eval", "fp32", 1),
-        ("eval fast", "eval", precision, args.chunk),
+        ("train released", "train", "fp32", 1, False),
+        ("train fast", "train", precision, args.batch, False),
+        *([("train fast + ckpt", "train", precision, args.batch, True)] if args.grad_ckpt else []),
+        ("eval released", "eval", "fp32", 1, False),
+        ("eval fast", "eval", precision, args.chunk, False),
     ]
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
     print(f"bench: arch {args.arch}, {size} px, device {gpu or 'cpu'} "
           f"({torch.get_num_threads()} threads), {steps} timed iterations per row")
     results = []
-    for name, kind, prec, batch in rows:
-        r = measure(kind, args.arch, device, prec, batch, size, steps, args.chunk)
-        r.update(row=name, precision=prec, batch=batch)
+    for name, kind, prec, batch, ckpt in rows:
+        r = measure(kind, args.arch, device, prec, batch, size, steps, args.chunk, ckpt, "fast" in name)
+        r.update(row=name, precision=prec, batch=batch, grad_ckpt=ckpt)
         results.append(r)
         print(f"  {name}: " + (r.get("error") or f"{r['rate']:.2f}/s"), flush=True)
     unit = {"train": "episodes/s", "eval": "slices/s"}

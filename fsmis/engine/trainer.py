@@ -85,6 +85,16 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def make_optimizer(model, train_cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with two groups: UNet (and input convs) at ``lr``, VTCT at ``lr × vtct_lr_mult``.
+    On CUDA the fused kernel is used (``train.fused_optimizer``, default true; CPU never)."""
+    groups = [{"params": model.unet_parameters(), "lr": train_cfg.lr},
+              {"params": model.vtct_parameters(), "lr": train_cfg.lr * train_cfg.vtct_lr_mult}]
+    fused = bool(getattr(train_cfg, "fused_optimizer", True)) and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                             **({"fused": True} if fused else {}))
+
+
 def linear_decay(max_steps: int):
     return lambda step: max(0.0, 1.0 - step / max(1, max_steps))
 
@@ -142,9 +152,7 @@ class Trainer:
         self.model.to(self.device)
         if cfg.train.grad_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
-        groups = [{"params": self.model.unet_parameters(), "lr": cfg.train.lr},
-                  {"params": self.model.vtct_parameters(), "lr": cfg.train.lr * cfg.train.vtct_lr_mult}]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = make_optimizer(self.model, cfg.train, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_decay(cfg.train.max_steps))
         self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
         self.scaler = torch.amp.GradScaler("cuda") if (cfg.train.precision == "fp16" and self.device.type == "cuda") else None
