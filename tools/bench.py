@@ -42,7 +42,7 @@ def _model_cfg(arch: str):
 
 
 def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: int, steps: int, chunk: int,
-         grad_ckpt: bool, fast: bool, queue):
+         grad_ckpt: bool, fast: bool, channels_last: bool, queue):
     import torch
 
     from fsmis.config import TrainConfig
@@ -52,8 +52,13 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model, _ = build_model(_model_cfg(arch))
+    t_build = time.perf_counter()
+    with dev:  # random weights are initialised where they will run
+        model, _ = build_model(_model_cfg(arch))
     model.to(dev)
+    t_build = time.perf_counter() - t_build
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     if grad_ckpt:
         model.unet.enable_gradient_checkpointing()
     if dev.type == "cuda":
@@ -112,13 +117,14 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
-    queue.put({"rate": rate, "seconds": dt, "peak_gib": peak})
+    queue.put({"rate": rate, "seconds": dt, "peak_gib": peak, "build_seconds": t_build})
 
 
-def measure(kind, arch, device, precision, batch, size, steps, chunk, grad_ckpt=False, fast=False):
+def measure(kind, arch, device, precision, batch, size, steps, chunk, grad_ckpt=False, fast=False,
+            channels_last=False):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_row, args=(kind, arch, device, precision, batch, size, steps, chunk, grad_ckpt, fast, q))
+    p = ctx.Process(target=_row, args=(kind, arch, device, precision, batch, size, steps, chunk, grad_ckpt, fast, channels_last, q))
     p.start()
     p.join()
     if p.exitcode != 0:
@@ -131,13 +137,17 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="demo", choices=["demo", "tiny", "sd15", "sd21"])
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--size", type=int, default=None, help="image size (default: 128 demo, 256 SD)")
-    ap.add_argument("--batch", type=int, default=8, help="episodes per step on the fast path")
+    ap.add_argument("--batch", default="8", help="episodes per step on the fast path (a comma list "
+                                                 "gives one row each, e.g. 8,16,32)")
     ap.add_argument("--precision", default=None, help="fast-path autocast: bf16 | fp16 | fp32 "
                                                        "(default bf16 on GPU, fp32 on CPU)")
-    ap.add_argument("--chunk", type=int, default=16, help="query slices per evaluation chunk")
+    ap.add_argument("--chunk", default="16", help="query slices per evaluation chunk (comma list: one "
+                                                 "fast row each; the released row uses the first)")
     ap.add_argument("--steps", type=int, default=None, help="timed iterations per row")
     ap.add_argument("--grad-ckpt", action="store_true",
-                    help="add a 'train fast + ckpt' row: the fast path with gradient checkpointing")
+                    help="add 'train fast + ckpt' rows: the fast path with gradient checkpointing")
+    ap.add_argument("--channels-last", action="store_true", help="fast rows with channels-last tensors")
+    ap.add_argument("--no-released", action="store_true", help="skip the released-form rows")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args(argv)
 
@@ -147,27 +157,35 @@ def main(argv=None) -> int:
     size = args.size or (128 if args.arch == "demo" else 256)
     precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
     steps = args.steps or (20 if device.startswith("cuda") else 3)
-    rows = [
-        ("train released", "train", "fp32", 1, False),
-        ("train fast", "train", precision, args.batch, False),
-        *([("train fast + ckpt", "train", precision, args.batch, True)] if args.grad_ckpt else []),
-        ("eval released", "eval", "fp32", 1, False),
-        ("eval fast", "eval", precision, args.chunk, False),
-    ]
+    batches = [int(b) for b in str(args.batch).split(",")]
+    chunks = [int(c) for c in str(args.chunk).split(",")]
+    rows = [] if args.no_released else [("train released", "train", "fp32", 1, False, chunks[0])]
+    for b in batches:
+        rows.append(("train fast", "train", precision, b, False, chunks[0]))
+        if args.grad_ckpt:
+            rows.append(("train fast + ckpt", "train", precision, b, True, chunks[0]))
+    if not args.no_released:
+        rows.append(("eval released", "eval", "fp32", 1, False, chunks[0]))
+    rows += [("eval fast", "eval", precision, c, False, c) for c in chunks]
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
     print(f"bench: arch {args.arch}, {size} px, device {gpu or 'cpu'} "
           f"({torch.get_num_threads()} threads), {steps} timed iterations per row")
     results = []
-    for name, kind, prec, batch, ckpt in rows:
-        r = measure(kind, args.arch, device, prec, batch, size, steps, args.chunk, ckpt, "fast" in name)
-        r.update(row=name, precision=prec, batch=batch, grad_ckpt=ckpt)
+    for name, kind, prec, batch, ckpt, chunk in rows:
+        fast = "fast" in name
+        cl = fast and args.channels_last
+        r = measure(kind, args.arch, device, prec, batch, size, steps, chunk, ckpt, fast, cl)
+        if cl:
+            name += " + NHWC"
+        r.update(row=name, precision=prec, batch=batch, grad_ckpt=ckpt, channels_last=cl)
         results.append(r)
-        print(f"  {name}: " + (r.get("error") or f"{r['rate']:.2f}/s"), flush=True)
+        print(f"  {name} ({batch}): " + (r.get("error") or f"{r['rate']:.2f}/s, "
+                                          f"model built in {r['build_seconds']:.1f} s"), flush=True)
     unit = {"train": "episodes/s", "eval": "slices/s"}
     lines = ["| row | precision | batch | throughput | peak memory (GiB) | speed-up |", "|---|---|---|---|---|---|"]
     for r in results:
         kind = r["row"].split()[0]
-        base = next(x for x in results if x["row"] == f"{kind} released")
+        base = next((x for x in results if x["row"] == f"{kind} released"), {})
         sp = f"{r['rate'] / base['rate']:.1f}x" if "rate" in r and "rate" in base else "–"
         thr = f"{r['rate']:.2f} {unit[kind]}" if "rate" in r else r.get("error")
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "–"
