@@ -410,9 +410,13 @@ def _load_diffusers_component(cls, name: str, root: Path, subfolder: str | None,
 
     # 2. diffusers' own loading, with its loading info
     try:
+        from diffusers.utils import is_accelerate_available
+
+        # low_cpu_mem_usage needs accelerate (an optional extra); asking for it without prints a warning
         model, info = cls.from_pretrained(str(root), subfolder=subfolder, local_files_only=True,
                                           output_loading_info=True, torch_dtype=dtype or torch.float32,
-                                          variant=variant, use_safetensors=use_st)
+                                          variant=variant, use_safetensors=use_st,
+                                          low_cpu_mem_usage=is_accelerate_available())
     except Exception as exc:
         raise WeightLoadError(f"{name}: diffusers could not load {shown}: {type(exc).__name__}: {exc}") from exc
     row.missing += [k for k in sorted(set(info.get("missing_keys") or ())) if k not in row.missing]
