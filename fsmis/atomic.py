@@ -36,7 +36,7 @@ def atomic_target(path: str | Path):
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_target(path) as tmp:
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())

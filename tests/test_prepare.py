@@ -74,6 +74,15 @@ CHAOS_PX, CHAOS_GAP, CHAOS_N = 1.875, 6.0, 6
 
 def make_chaos_patient(root: Path, patient: int, rows_down: bool = True, flip_masks: bool = False,
                        seed: int = 0) -> Path:
+    """See :func:`_make_chaos_patient`; SimpleITK's DICOM writer resets the locale, restored here."""
+    from fsmis.data.dicom import keep_locale
+
+    with keep_locale():
+        return _make_chaos_patient(root, patient, rows_down, flip_masks, seed)
+
+
+def _make_chaos_patient(root: Path, patient: int, rows_down: bool = True, flip_masks: bool = False,
+                        seed: int = 0) -> Path:
     """Train_Sets/MR/<patient>/T2SPIR/DICOM_anon/*.dcm + Ground/*.png (grey 63/126/189/252).
 
     Instance number 1 is the most superior slice (files are not in position order).
@@ -332,6 +341,26 @@ def test_chaos_dicom_png_geometry_and_ids(chaos):
     assert ds.name == "CHAOST2" and ds.classes == {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
     assert ds.supervoxel_dir == out / "supervoxels_5000"
     assert [r["on_load"] for r in ds.layout_report()] == ["as stored", "as stored"]
+
+
+def test_dicom_reading_keeps_the_process_locale(tmp_path):
+    """SimpleITK's DICOM writer (GDCM) leaves the process locale at "C" (seen with SimpleITK
+    2.5); the fixture writer and the readers must leave it as it was, else text files opened
+    later default to ASCII."""
+    import locale
+
+    from fsmis.data.dicom import read_dicom_series, read_png_mask
+
+    before = locale.setlocale(locale.LC_ALL)
+    enc = locale.getpreferredencoding(False)
+    make_chaos_patient(tmp_path, 1)
+    assert locale.setlocale(locale.LC_ALL) == before
+    base = tmp_path / "Train_Sets" / "MR" / "1" / "T2SPIR"
+    series = read_dicom_series(base / "DICOM_anon")
+    read_png_mask(sorted((base / "Ground").glob("*.png"))[0])
+    assert series.array.ndim == 3
+    assert locale.setlocale(locale.LC_ALL) == before
+    assert locale.getpreferredencoding(False) == enc
 
 
 def test_chaos_flipped_masks_fail_naming_the_case(tmp_path):

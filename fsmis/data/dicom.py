@@ -12,6 +12,8 @@ a label volume with exactly the image's geometry; no flip is ever assumed.
 """
 from __future__ import annotations
 
+import contextlib
+import locale
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,25 @@ class DicomSeries:
         return float(sz), float(sy), float(sx)
 
 
+@contextlib.contextmanager
+def keep_locale():
+    """SimpleITK's DICOM I/O (GDCM) sets the process locale to "C" and leaves it there; after
+    that every text ``open()`` without an encoding would default to ASCII. Restore it."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
+
+
 def read_dicom_series(folder: str | Path, max_gap_ratio: float = 0.01) -> DicomSeries:
+    """Read the one DICOM series in ``folder`` (checks: :func:`_read_dicom_series`)."""
+    with keep_locale():
+        return _read_dicom_series(folder, max_gap_ratio)
+
+
+def _read_dicom_series(folder: str | Path, max_gap_ratio: float = 0.01) -> DicomSeries:
     """Read the one DICOM series in ``folder``.
 
     Refuses (:class:`DataError` naming the folder) a folder with no series or several, a
@@ -104,6 +124,11 @@ def read_dicom_series(folder: str | Path, max_gap_ratio: float = 0.01) -> DicomS
 
 def read_png_mask(path: str | Path) -> np.ndarray:
     """A 2D grey-value mask ``[rows, columns]`` (uint8/uint16 values as stored)."""
+    with keep_locale():
+        return _read_png_mask(path)
+
+
+def _read_png_mask(path: str | Path) -> np.ndarray:
     import SimpleITK as sitk
 
     path = Path(path)
