@@ -41,6 +41,17 @@ def _model_cfg(arch: str):
     return ModelConfig(unet=arch, vae=arch, vtct_encoder="none", vtct_feat_dim=768, vtct_hidden=1536)
 
 
+def _timed(fn, steps: int, sync) -> float:
+    """Seconds for ``steps`` calls of ``fn`` after one warm-up call, device work included."""
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return time.perf_counter() - t0
+
+
 def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: int, steps: int, chunk: int,
          grad_ckpt: bool, fast: bool, channels_last: bool, queue):
     import torch
@@ -86,13 +97,7 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        step()  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        dt = time.perf_counter() - t0
+        dt = _timed(step, steps, sync)
         rate = steps * batch / dt
     else:
         model.eval()
@@ -105,13 +110,7 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
                     model.predict_probability(Batch(b.support_images, b.support_masks,
                                                     b.query_images[i:i + per], 1, min(per, chunk - i)))
 
-        run()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            run()
-        sync()
-        dt = time.perf_counter() - t0
+        dt = _timed(run, steps, sync)
         rate = steps * chunk / dt
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 30

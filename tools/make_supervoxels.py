@@ -16,6 +16,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fsmis.cli import non_negative_float, positive_int  # noqa: E402
 from fsmis.data.nifti import DataError  # noqa: E402
 
 EPILOG = """\
@@ -44,26 +45,6 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="make_supervoxels.py",
@@ -77,15 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "inner *_normalized folder) or a folder with dataset.json")
     p.add_argument("--mode", choices=("3d", "2d"), default="3d",
                    help="3d: spacing-weighted 3D supervoxels (default); 2d: per-slice superpixels")
-    p.add_argument("--min-size", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--min-size", type=positive_int, default=None, metavar="N",
                    help="minimum segment size in voxels (3d) / pixels (2d); "
                         "default 5000 (abdomen) / 1000 (CMR) in 3d, 400 in 2d")
-    p.add_argument("--sigma", type=_non_negative_float, default=None, metavar="S",
+    p.add_argument("--sigma", type=non_negative_float, default=None, metavar="S",
                    help="Gaussian pre-smoothing; 3d: in mm (divided by the voxel spacing), default 0; "
                         "2d: in pixels, default 1")
-    p.add_argument("--scale", type=_non_negative_float, default=1.0, metavar="S",
+    p.add_argument("--scale", type=non_negative_float, default=1.0, metavar="S",
                    help="Felzenszwalb scale (k = scale/255 on the 0-255 rescaled image), default 1")
-    p.add_argument("--body-threshold", type=_non_negative_float, default=10.0, metavar="T",
+    p.add_argument("--body-threshold", type=non_negative_float, default=10.0, metavar="T",
                    help="body mask threshold on the 0-255 rescaled volume, default 10")
     p.add_argument("--fast", action="store_true",
                    help="3d only: 6-connectivity and a 3D body mask: about 3-4x faster, does not "
@@ -94,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connectivity", type=int, choices=(6, 26), default=None,
                    help="3d only: voxel neighbourhood of the graph; default 26, or 6 with --fast "
                         "(this option wins over --fast); only 26 reproduces the published supervoxels")
-    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="cases computed in parallel (threads); default: one per available CPU, "
                         "at most the number of cases to compute")
     p.add_argument("--overwrite", action="store_true", help="recompute files that already exist")

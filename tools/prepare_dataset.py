@@ -40,25 +40,7 @@ try:
 except ImportError:  # run from a checkout: python tools/prepare_dataset.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _unit_fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from fsmis.cli import positive_int, unit_fraction  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", nargs="+", metavar="ID", help="prepare only these case ids")
     p.add_argument("--no-supervoxels", action="store_true",
                    help="skip the 3D supervoxels (a later run without this flag adds them)")
-    p.add_argument("--min-inside", type=_unit_fraction, default=0.9, metavar="F",
+    p.add_argument("--min-inside", type=unit_fraction, default=0.9, metavar="F",
                    help="alignment check: fraction of each class's voxels that must lie inside the "
                         "body mask (default 0.9)")
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="cases prepared in parallel threads (default 1; supervoxels need about 0.35 kB "
                         "per voxel per worker)")
     p.add_argument("--overwrite", action="store_true",

@@ -90,7 +90,7 @@ def make_optimizer(model, train_cfg, device: torch.device) -> torch.optim.AdamW:
     On CUDA the fused kernel is used (``train.fused_optimizer``, default true; CPU never)."""
     groups = [{"params": model.unet_parameters(), "lr": train_cfg.lr},
               {"params": model.vtct_parameters(), "lr": train_cfg.lr * train_cfg.vtct_lr_mult}]
-    fused = bool(getattr(train_cfg, "fused_optimizer", True)) and device.type == "cuda"
+    fused = train_cfg.fused_optimizer and device.type == "cuda"
     return torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                              **({"fused": True} if fused else {}))
 

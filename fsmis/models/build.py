@@ -628,26 +628,33 @@ def _single_file_config(cfg: ModelConfig, part: str) -> tuple[dict, str]:
                       f"architecture), or model.{part} must give the {part} architecture")
 
 
+def _load_sd_part(cls, part: str, cfg: ModelConfig, dtype, verify: str, no_source: str):
+    """One Stable Diffusion component from ``model.sd_path`` (diffusers folder or LDM file) or,
+    without one, randomly initialised from ``model.<part>``."""
+    kind, path = _sd_source(cfg)
+    arch = getattr(cfg, part)
+    if kind == "folder":
+        model, row = _load_diffusers_component(cls, part, path, part, dtype, verify)
+        if arch is not None:
+            row.notes.append(f"model.{part} ignored (the architecture comes from the folder's {part}/config.json)")
+        return model, row
+    if kind == "file":
+        config, src = _single_file_config(cfg, part)
+        return _load_ldm_component(cls, part, path, config, dtype, verify, src)
+    if arch is None:
+        name = {"unet": "UNet", "vae": "VAE"}[part]
+        raise ConfigError(f"no {name} source: set {no_source} or model.{part} ({cls.__name__} arguments, "
+                          f"or a preset name: {' | '.join(PRESETS)}) for random initialisation")
+    return _random_component(cls, part, _config_dict(arch, part, f"model.{part}"), f"model.{part}", dtype)
+
+
 def load_unet(cfg: ModelConfig, dtype: torch.dtype | None = None, verify: str = "sample"):
     """-> (UNet2DConditionModel, ComponentLoad). Raises WeightLoadError on a partial load,
     ConfigError when no source is given."""
     from diffusers import UNet2DConditionModel
 
-    kind, path = _sd_source(cfg)
-    if kind == "folder":
-        model, row = _load_diffusers_component(UNet2DConditionModel, "unet", path, "unet", dtype, verify)
-        if cfg.unet is not None:
-            row.notes.append("model.unet ignored (the architecture comes from the folder's unet/config.json)")
-        return model, row
-    if kind == "file":
-        config, src = _single_file_config(cfg, "unet")
-        return _load_ldm_component(UNet2DConditionModel, "unet", path, config, dtype, verify, src)
-    if cfg.unet is None:
-        raise ConfigError("no UNet source: set model.sd_path (a local diffusers folder or an LDM checkpoint file) "
-                          "or model.unet (a UNet2DConditionModel config, or a preset name: "
-                          f"{' | '.join(PRESETS)}) for random initialisation")
-    return _random_component(UNet2DConditionModel, "unet", _config_dict(cfg.unet, "unet", "model.unet"),
-                             "model.unet", dtype)
+    return _load_sd_part(UNet2DConditionModel, "unet", cfg, dtype, verify,
+                         "model.sd_path (a local diffusers folder or an LDM checkpoint file)")
 
 
 def load_vae(cfg: ModelConfig, dtype: torch.dtype | None = None, verify: str = "sample"):
@@ -665,19 +672,8 @@ def load_vae(cfg: ModelConfig, dtype: torch.dtype | None = None, verify: str = "
                               "nor vae/config.json)")
         row.notes.append("from model.vae_path (overrides model.sd_path / model.vae)")
         return model, row
-    kind, path = _sd_source(cfg)
-    if kind == "folder":
-        model, row = _load_diffusers_component(AutoencoderKL, "vae", path, "vae", dtype, verify)
-        if cfg.vae is not None:
-            row.notes.append("model.vae ignored (the architecture comes from the folder's vae/config.json)")
-        return model, row
-    if kind == "file":
-        config, src = _single_file_config(cfg, "vae")
-        return _load_ldm_component(AutoencoderKL, "vae", path, config, dtype, verify, src)
-    if cfg.vae is None:
-        raise ConfigError("no VAE source: set model.vae_path (a local AutoencoderKL folder), model.sd_path, or "
-                          f"model.vae (an AutoencoderKL config, or a preset name: {' | '.join(PRESETS)})")
-    return _random_component(AutoencoderKL, "vae", _config_dict(cfg.vae, "vae", "model.vae"), "model.vae", dtype)
+    return _load_sd_part(AutoencoderKL, "vae", cfg, dtype, verify,
+                         "model.vae_path (a local AutoencoderKL folder), model.sd_path,")
 
 
 def _dinov2_weight_file(path: Path) -> str:
