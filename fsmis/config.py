@@ -62,6 +62,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     grad_checkpointing: bool = False
     fused_optimizer: bool = True  # fused AdamW kernel on CUDA (no effect on CPU)
+    cache_latents: bool = False  # encode each training slice / mask once (needs augment off, no shifts)
     ema: float = 0.0  # EMA decay of the trained weights; 0 = off
     seed: int = 42
     ckpt_every: int = 1000

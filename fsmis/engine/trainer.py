@@ -156,6 +156,15 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_decay(cfg.train.max_steps))
         self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
         self.scaler = torch.amp.GradScaler("cuda") if (cfg.train.precision == "fp16" and self.device.type == "cuda") else None
+        self.latent_cache = None
+        if cfg.train.cache_latents:
+            if cfg.data.augment or cfg.data.shift_px:
+                raise ValueError("train.cache_latents=true needs data.augment=false and data.shift_px=0 "
+                                 f"(got data.augment={cfg.data.augment}, data.shift_px={cfg.data.shift_px}): "
+                                 "augmented or shifted slices never repeat")
+            from .latent_cache import LatentCache
+
+            self.latent_cache = LatentCache(self.model)
         self.ddp = None
         if self.dist:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -184,27 +193,32 @@ class Trainer:
         return self.step
 
     # -- one optimiser step ----------------------------------------------------------------------
-    def micro_batch(self, step: int, micro: int) -> Batch:
+    def micro_batch(self, step: int, micro: int, with_episodes: bool = False):
         cfg = self.cfg
         rng = np.random.default_rng([cfg.train.seed, step, micro, self.rank])
         episodes = [self.sampler.sample(rng) for _ in range(cfg.train.batch_size)]
         batch = collate(episodes, cfg.data.image_size, cfg.data.shift_px, rng)
         for name in ("support_images", "support_masks", "query_images", "query_masks"):
             setattr(batch, name, getattr(batch, name).to(self.device))
-        return batch
+        return (batch, episodes) if with_episodes else batch
 
     def train_step(self) -> dict:
         cfg = self.cfg
         self.model.train()
         total = 0.0
         for micro in range(cfg.train.grad_accum):
-            batch = self.micro_batch(self.step, micro)
+            batch, episodes = self.micro_batch(self.step, micro, with_episodes=True)
+            posteriors = None
+            if self.latent_cache is not None:
+                with autocast(cfg.train.precision, self.device):
+                    posteriors = self.latent_cache.batch_posteriors(batch, episodes)
             gen = torch.Generator(device=self.device).manual_seed(_seed_of(cfg.train.seed, self.step, micro, self.rank, 7))
             sync = (self.ddp.no_sync() if (self.ddp is not None and micro < cfg.train.grad_accum - 1)
                     else contextlib.nullcontext())
             with sync:
                 with autocast(cfg.train.precision, self.device):
-                    loss = self.ddp(batch, gen) if self.ddp is not None else self.model.loss(batch, gen)
+                    loss = (self.ddp(batch, gen, posteriors) if self.ddp is not None
+                            else self.model.loss(batch, gen, posteriors))
                 scaled = loss / cfg.train.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(loss.detach())
@@ -287,6 +301,8 @@ class Trainer:
         bar.close()
         summary = {"steps": self.step, "seconds": round(time.time() - t0, 1), "best_val_dice": self.best,
                    "history": self.history, "index": ck.read_index(self.run_dir)}
+        if self.latent_cache is not None:
+            summary["latent_cache"] = self.latent_cache.stats()
         if self.is_main:
             atomic_write_json(self.run_dir / "train_summary.json", summary)
             writer.close()
@@ -312,8 +328,8 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch, generator):
-        return self.model.loss(batch, generator)
+    def forward(self, batch, generator, posteriors=None):
+        return self.model.loss(batch, generator, posteriors)
 
 
 def train_folds(cfg: Config, out: Path, folds, device=None, progress=True) -> dict:

@@ -92,13 +92,24 @@ class SDFSMIS(nn.Module):
         return sd
 
     # -- VAE -------------------------------------------------------------------------------------
-    def encode(self, images: torch.Tensor, sample: bool, generator: torch.Generator | None = None):
-        """[N, 1, H, W] in [-1, 1] -> latents [N, 4, h, w] (× scaling factor)."""
+    def encode_posterior(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 1, H, W] in [-1, 1] -> the VAE posterior's parameters [N, 2·4, h, w] (mean, log-variance)."""
         x = images.to(self.vae.dtype).expand(-1, 3, -1, -1)
         with torch.no_grad():
-            dist = self.vae.encode(x).latent_dist
-            z = dist.sample(generator=generator) if sample else dist.mean
+            return self.vae.encode(x).latent_dist.parameters
+
+    def latents_from_posterior(self, parameters: torch.Tensor, sample: bool,
+                               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Posterior parameters -> latents (× scaling factor): a sample (training) or the mean."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(parameters)
+        z = dist.sample(generator=generator) if sample else dist.mean
         return z * self.scaling_factor
+
+    def encode(self, images: torch.Tensor, sample: bool, generator: torch.Generator | None = None):
+        """[N, 1, H, W] in [-1, 1] -> latents [N, 4, h, w] (× scaling factor)."""
+        return self.latents_from_posterior(self.encode_posterior(images), sample, generator)
 
     def decode_probability(self, latents: torch.Tensor) -> torch.Tensor:
         """Mask latents -> foreground probability [N, H, W] in [0, 1]."""
@@ -134,11 +145,19 @@ class SDFSMIS(nn.Module):
             bank.clear()
         return out
 
-    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        s_img = self.encode(batch.support_images, sample=True, generator=generator)
-        s_msk = self.encode(batch.support_masks * 2 - 1, sample=True, generator=generator)
-        q_img = self.encode(batch.query_images, sample=True, generator=generator)
-        q_msk = self.encode(batch.query_masks * 2 - 1, sample=True, generator=generator)
+    def loss(self, batch: Batch, generator: torch.Generator | None = None, posteriors=None) -> torch.Tensor:
+        """MSE of the UNet output against the negated query-mask latent (posterior samples).
+
+        ``posteriors``: optional VAE posterior parameters of (support images, support masks,
+        query images, query masks), e.g. from a :class:`~fsmis.engine.latent_cache.LatentCache`;
+        without them the four groups are encoded here. The samples are drawn from ``generator``
+        in the same order either way."""
+        if posteriors is None:
+            posteriors = (self.encode_posterior(batch.support_images),
+                          self.encode_posterior(batch.support_masks * 2 - 1),
+                          self.encode_posterior(batch.query_images),
+                          self.encode_posterior(batch.query_masks * 2 - 1))
+        s_img, s_msk, q_img, q_msk = (self.latents_from_posterior(p, True, generator) for p in posteriors)
         out = self.forward_latents(s_img, s_msk, q_img, batch.support_images, batch.support_masks,
                                    batch.n_shot, batch.queries_per_episode)
         return F.mse_loss(out.float(), -q_msk.float())
