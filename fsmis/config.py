@@ -43,7 +43,7 @@ class ModelConfig:
     vtct_hidden: int = 1536
     vtct_depth: int = 3
     vtct_feat_dim: int = 128  # feature size of the "none" encoder
-    scaling_factor: float = 0.18215
+    scaling_factor: float | None = None  # latent scale; None: the VAE config's scaling_factor (SD: 0.18215)
     qe_threshold: float = 0.7
     qe_topk_ratio: float = 0.1875
     threshold_ratio: float = 0.25

@@ -78,7 +78,17 @@ def test_train_save_load_report(tiny_dir, tmp_path):
     assert "_model" not in on_disk and "eval_by_dataset" not in on_disk
     assert on_disk["data"]["sha256"] == dv.data_fingerprint(tiny_dir)["sha256"]
     loaded = AutoencoderKL.from_pretrained(out, local_files_only=True)
-    assert loaded.config.scaling_factor == pytest.approx(0.18215)
+    # the saved scaling factor gives the training images' latents unit variance
+    assert loaded.config.scaling_factor == pytest.approx(rep["scaling_factor"])
+    assert rep["scaling_factor"] == pytest.approx(1.0 / rep["latent_std"])
+    from fsmis.data.datasets import open_dataset
+
+    ds = open_dataset(tiny_dir)
+    frames = np.concatenate([dv._prep_image(ds.load_case(c).image, TINY["image_size"])[::dv.LATENT_STD_STRIDE]
+                             for c in ds.case_ids])
+    with torch.no_grad():
+        z = loaded.encode(torch.from_numpy(frames)[:, None].expand(-1, 3, -1, -1)).latent_dist.mean
+    assert float((z * loaded.config.scaling_factor).std()) == pytest.approx(1.0, rel=1e-3)
     sd0, sd1 = rep["_model"].state_dict(), loaded.state_dict()
     assert sd0.keys() == sd1.keys()
     assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)

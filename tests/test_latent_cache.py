@@ -99,3 +99,20 @@ def test_cached_training_follows_uncached_and_resumes_to_the_bit(tmp_path, tiny_
     wc = load_file(str(ck.resolve_checkpoint(tmp_path / "b", "last") / "model.safetensors"))
     for k in wb:
         assert torch.equal(wb[k], wc[k]), k
+
+
+def test_demo_config_trains_with_the_cache(tmp_path, tiny_data):
+    """configs/demo.yaml as shipped (SQI on 7 attn1 layers, cached latents) runs the trainer; only the
+    data, image size and step count are shrunk here."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "demo.yaml",
+                      [f"data.root={tiny_data}", "data.image_size=32", "data.min_fg_pixels=10",
+                       "train.max_steps=2", "train.val_every=0", "train.ckpt_every=2", "train.image_every=0"])
+    assert cfg.train.cache_latents and not cfg.data.augment and cfg.data.shift_px == 0
+    tr = Trainer(cfg, tmp_path / "demo", "cpu", progress=False).setup()
+    n_attn1 = sum(1 for name, _ in tr.model.unet.attn_processors.items() if ".attn1." in name)
+    assert n_attn1 == 7
+    summary = tr.fit()
+    assert summary["steps"] == 2 and summary["latent_cache"]["encoded"] > 0

@@ -243,7 +243,13 @@ def test_scaling_factor_difference_is_warned(tmp_path):
     from diffusers import AutoencoderKL
 
     AutoencoderKL(**{**TINY_VAE, "scaling_factor": 0.5}).save_pretrained(tmp_path / "vae")
+    # model.scaling_factor unset: the VAE config's factor, no warning
     model, report = build_model(ModelConfig(unet="tiny", vae_path=str(tmp_path / "vae"), **NONE_ENC))
+    assert report.ok and model.scaling_factor == 0.5 and report.summary["scaling_factor"] == 0.5
+    assert report.warnings == []
+    # set explicitly to another value: used, and the difference is reported
+    model, report = build_model(ModelConfig(unet="tiny", vae_path=str(tmp_path / "vae"), scaling_factor=0.18215,
+                                            **NONE_ENC))
     assert report.ok and model.scaling_factor == 0.18215
     assert any("scaling_factor=0.5" in w for w in report.warnings)
     assert "WARNING" in report.format()

@@ -765,16 +765,30 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype | None = None, verify: str 
         raise ConfigError(f"UNet cross_attention_dim must be one integer for the VTCT token, got {cross!r}")
     encoder, report.vtct_encoder = load_vtct_encoder(cfg)
     vtct = VTCT(encoder, cross, cfg.vtct_hidden, cfg.vtct_depth)
-    vae_sf = getattr(vcfg, "scaling_factor", None)
-    if vae_sf is not None and not math.isclose(float(vae_sf), float(cfg.scaling_factor), rel_tol=1e-6):
-        report.warnings.append(f"model.scaling_factor={cfg.scaling_factor} differs from the VAE config's "
-                               f"scaling_factor={vae_sf} ({report.vae.source}); using model.scaling_factor")
-    model = SDFSMIS(unet, vae, vtct, cfg.scaling_factor, cfg.qe_threshold, cfg.qe_topk_ratio)
+    scaling_factor = resolve_scaling_factor(cfg.scaling_factor, vcfg, report)
+    model = SDFSMIS(unet, vae, vtct, scaling_factor, cfg.qe_threshold, cfg.qe_topk_ratio)
     counts = parameter_counts(model)
     report.summary = {"sqi_layers": count_sqi_layers(model.unet), "cross_attention_dim": cross,
-                      "latent_channels": vcfg.latent_channels, "params_total": counts["total"],
+                      "latent_channels": vcfg.latent_channels, "scaling_factor": round(scaling_factor, 6),
+                      "params_total": counts["total"],
                       "params_trainable": counts["trainable"]}
     return model, report
+
+
+SD_SCALING_FACTOR = 0.18215
+
+
+def resolve_scaling_factor(configured, vae_config, report=None) -> float:
+    """The latent scale: ``model.scaling_factor`` when set, else the VAE config's ``scaling_factor``
+    (SD-1.5 / SD-2.1: 0.18215; the demo VAE stores the factor that gives its latents unit
+    variance), else SD's 0.18215. A set value that differs from the VAE's is reported."""
+    vae_sf = getattr(vae_config, "scaling_factor", None)
+    if configured is None:
+        return float(vae_sf) if vae_sf is not None else SD_SCALING_FACTOR
+    if vae_sf is not None and report is not None and not math.isclose(float(vae_sf), float(configured), rel_tol=1e-6):
+        report.warnings.append(f"model.scaling_factor={configured} differs from the VAE config's "
+                               f"scaling_factor={vae_sf} ({report.vae.source}); using model.scaling_factor")
+    return float(configured)
 
 
 def parameter_counts(model) -> dict:

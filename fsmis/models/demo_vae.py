@@ -7,8 +7,13 @@ SD-FSMIS freezes SD's VAE. Its mask reconstruction Dice is the ceiling ("oracle"
 whole demo model and is reported as such.
 
 Architecture (:data:`DEMO_VAE_CONFIG`): blocks 32/64/64, one resnet per encoder block (two
-per decoder block, as diffusers builds it), 4 latent channels, ``scaling_factor`` 0.18215
-(the SD value, applied downstream). Three blocks mean diffusers downsamples
+per decoder block, as diffusers builds it), 4 latent channels. ``scaling_factor`` is set
+after training, as Stable Diffusion's 0.18215 was for its VAE: 1 / the standard deviation of
+the posterior-mean latents of the training images (every ``LATENT_STD_STRIDE``-th slice of
+every case, full frames), so that the UNet sees and predicts unit-variance latents. (SD's
+0.18215 applied to this VAE gave latents of standard deviation about 0.13, eight times too
+small for a randomly initialised UNet.) It is saved in the VAE's ``config.json`` and read from
+there by the model (``model.scaling_factor: null``). Three blocks mean diffusers downsamples
 ``len(blocks) - 1 = 2`` times: **spatial factor 4** (SD's VAE: 4 blocks, factor 8). The
 demo runs SD-FSMIS at ``image_size`` 128, so its latent grid is 32 x 32, the grid SD gets
 at 256 px.
@@ -95,7 +100,7 @@ __all__ = [
     "is_demo_vae_folder",
 ]
 
-VERSION = 1  # bump when the training procedure changes (invalidates every cache entry)
+VERSION = 2  # bump when the training procedure changes (invalidates every cache entry)
 
 DEMO_VAE_CONFIG: dict = {
     "in_channels": 3,
@@ -130,6 +135,7 @@ KL_WEIGHT = 1e-6
 FG_CROP_PROB = 0.85
 UNION_PROB = 0.25
 WARMUP_FRACTION = 0.03
+LATENT_STD_STRIDE = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +293,22 @@ def _reconstruct(vae, frames: np.ndarray, chunk: int = 32) -> np.ndarray:
         z = vae.encode(x).latent_dist.mean
         out.append(vae.decode(z).sample.float().mean(1).numpy())
     return np.concatenate(out) if out else np.zeros((0,) + frames.shape[1:], np.float32)
+
+
+@torch.no_grad()
+def latent_standard_deviation(vae, volumes, stride: int = LATENT_STD_STRIDE, chunk: int = 32) -> float:
+    """Standard deviation of the posterior-mean latents (all channels and positions) of every
+    ``stride``-th slice of each volume ([Z, H, W] arrays in [-1, 1], already at the model size)."""
+    frames = np.concatenate([np.asarray(v)[::stride] for v in volumes])
+    total, total_sq, n = 0.0, 0.0, 0
+    for i in range(0, len(frames), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(frames[i:i + chunk], dtype=np.float32))
+        z = vae.encode(x.unsqueeze(1).expand(-1, 3, -1, -1)).latent_dist.mean.double()
+        total += float(z.sum())
+        total_sq += float((z * z).sum())
+        n += z.numel()
+    mean = total / n
+    return float(np.sqrt(max(total_sq / n - mean * mean, 1e-24)))
 
 
 def evaluate_vae(vae, data, image_size: int = 128, case_ids=None, classes=None, image_stride: int = 4,
@@ -491,6 +513,8 @@ def train_demo_vae(data, out_dir=None, image_size: int = DEFAULT_TRAIN_KWARGS["i
             bar.close()
     seconds = time.time() - t0
     vae.eval()
+    latent_std = latent_standard_deviation(vae, train.images)
+    vae.register_to_config(scaling_factor=1.0 / latent_std)
 
     report = {
         "version": VERSION,
@@ -498,6 +522,8 @@ def train_demo_vae(data, out_dir=None, image_size: int = DEFAULT_TRAIN_KWARGS["i
         "parameters": int(sum(p.numel() for p in vae.parameters())),
         "downsampling_factor": DOWNSAMPLING_FACTOR,
         "latent_grid": kw["image_size"] // DOWNSAMPLING_FACTOR,
+        "scaling_factor": 1.0 / latent_std,
+        "latent_std": latent_std,
         "train": {**kw, "mask_source": sources[0] if len(set(sources)) == 1 else "mixed",
                   "mask_sources": dict(zip(names, sources)), "steps_done": done, "seconds": round(seconds, 1),
                   "seconds_per_step": round(seconds / max(done, 1), 4), "data_load_seconds": round(t_load, 1),
