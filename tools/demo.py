@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The end-to-end demo behind `make demo`, on the embedded phantom data, on a CPU.
 
-1. generates (or reuses) the phantom CT and MR datasets with their supervoxels;
+1. generates (or reuses) the phantom CT (with its supervoxels) and MR datasets;
 2. trains (or reuses, cached by data and settings) the small demo VAE on the phantom CT images
    and supervoxel masks; its mask reconstruction Dice is the ceiling of the demo model and is
    reported as an "oracle" row;
