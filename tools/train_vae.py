@@ -67,6 +67,9 @@ def report_table(report: dict) -> str:
         f"trained {tr['steps_done']} steps x {tr['batch_size']} crops of {tr['crop']} px in {tr['seconds']:.0f} s "
         f"({tr['seconds_per_step']:.2f} s/step, {tr['threads']} threads)",
     ]
+    if "scaling_factor" in report:
+        lines.append(f"latent scaling factor {report['scaling_factor']:.4f} (1 / latent std {report['latent_std']:.4f}; "
+                     "stored in config.json)")
     if ev:
         lines += ["", "| class | 3D Dice (per volume) | slice Dice | pooled Dice |", "|---|---|---|---|"]
         for name, v in ev["dice"].items():
