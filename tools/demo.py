@@ -32,10 +32,12 @@ DEMO_SUPERVOXEL_MIN_SIZE = None
 DEMO_VAE_STEPS = 360
 
 
-def ensure_phantom(folder: Path, modality: str, cases: int, seed: int, supervoxels: bool = True) -> Path:
-    from fsmis.data.phantom import make_phantom_dataset, phantom_is_current
+def ensure_phantom(folder: Path, modality: str, cases: int, seed: int, supervoxels: bool = True,
+                   shape=None) -> Path:
+    from fsmis.data.phantom import DEFAULT_SHAPE, make_phantom_dataset, phantom_is_current
 
-    kw = {"supervoxel_min_size": DEMO_SUPERVOXEL_MIN_SIZE, "supervoxels": supervoxels}
+    kw = {"supervoxel_min_size": DEMO_SUPERVOXEL_MIN_SIZE, "supervoxels": supervoxels,
+          "shape": tuple(shape or DEFAULT_SHAPE)}
     if phantom_is_current(folder, modality, cases, seed, **kw):
         print(f"reusing phantom {modality.upper()} data in {folder}")
         return folder
@@ -68,7 +70,19 @@ def train_demo_model(config: Path, run: Path, overrides: list[str], progress: bo
     return cfg, tr.fit()
 
 
+def _shape(text: str) -> tuple:
+    try:
+        z, y, x = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X (three integers), got {text!r}") from None
+    if min(z, y, x) < 1:
+        raise argparse.ArgumentTypeError(f"shape must be positive, got {text!r}")
+    return z, y, x
+
+
 def main(argv=None) -> int:
+    from fsmis.cli import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="datasets/phantom", help="phantom data folder (ct/ and mr/ inside)")
     p.add_argument("--out", default="results/demo", help="report folder")
@@ -76,6 +90,10 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     p.add_argument("--cases", type=int, default=10, help="phantom cases per modality")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=_shape, default=None, metavar="Z,Y,X",
+                   help="phantom volume shape (default: the phantom's 40,256,256)")
+    p.add_argument("--vae-steps", type=positive_int, default=DEMO_VAE_STEPS,
+                   help=f"demo VAE training steps (default {DEMO_VAE_STEPS})")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     args = p.parse_args(argv)
@@ -92,13 +110,18 @@ def main(argv=None) -> int:
     t0 = time.time()
     timings = {}
     data, out, work = Path(args.data), Path(args.out), Path(args.work)
-    ct_dir = ensure_phantom(data / "ct", "ct", args.cases, args.seed)
+    ct_dir = ensure_phantom(data / "ct", "ct", args.cases, args.seed, shape=args.shape)
     # the MR phantom is only evaluated on (its labels): no supervoxels needed
-    mr_dir = ensure_phantom(data / "mr", "mr", args.cases, args.seed + 1000, supervoxels=False)
+    mr_dir = ensure_phantom(data / "mr", "mr", args.cases, args.seed + 1000, supervoxels=False, shape=args.shape)
     timings["data_s"] = round(time.time() - t0, 1)
 
     t1 = time.time()
-    vae_dir = ensure_demo_vae(ct_dir, work / "vae", progress=not args.quiet, steps=DEMO_VAE_STEPS)
+    # the VAE works at the demo model's image size (128 px in configs/demo.yaml), on half-size crops
+    from fsmis.config import load_config
+
+    size = load_config(Path(args.config), args.overrides).data.image_size
+    vae_dir = ensure_demo_vae(ct_dir, work / "vae", progress=not args.quiet, steps=args.vae_steps,
+                              image_size=size, crop=size // 2)
     vae_report = json.loads((vae_dir / "vae_report.json").read_text())
     timings["vae_s"] = round(time.time() - t1, 1)
 
