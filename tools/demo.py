@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         f"Phantom data: {args.cases} CT and {args.cases} MR cases (seeds {args.seed}, {args.seed + 1000}). "
         f"SD-FSMIS: configs/demo.yaml ({summary['steps']} steps on phantom CT fold {fold}, self-supervised "
         f"supervoxel episodes, best validation Dice {summary['best_val_dice']:.3f}), demo VAE "
-        f"{vae_dir.name} (latent scaling factor {vae_report.get('scaling_factor', 0.18215):.4f}). Mean Dice (%), canonical protocol, EP1, 1-shot, per-volume 3D Dice. In-domain: "
+        f"{vae_dir.name} (latent scaling factor {vae_report['scaling_factor']:.4f}). Mean Dice (%), canonical protocol, EP1, 1-shot, per-volume 3D Dice. In-domain: "
         f"fold {fold} of the CT (its queries were never trained on); cross-domain: all 5 folds of the MR.", "",
         *summary_rows, "", "The oracle row is the Dice of the demo VAE's own reconstruction of the true masks: "
         "no model on top of this VAE can exceed it.", "", *sections,
