@@ -3,11 +3,18 @@
 
 Examples
   python test.py --method support-copy --data datasets/phantom/ct --out results/sc_ct
+  python test.py --checkpoint checkpoints/demo/run --data datasets/phantom/ct --out results/demo_ct
   python test.py --method support-copy --data CMR/ --out results/cmr --protocol legacy --supp-idx 2
   python test.py --method support-copy --data CMR/ --out results/one --support-case 7 --query-cases 1 2 3
 
-Writes OUT/results.json (schema fsmis-results/1, see README), results.csv, results.md and
-OUT/predictions/fold<k>/pred_<case>.nii.gz (the query's own grid; class ids as in its labels).
+A trained method is evaluated from its run folder (--checkpoint RUN_DIR): the model, its
+settings and the training protocol (setting, exclusion, training labels, fold protocol, fold)
+come from RUN_DIR/config.yaml; a command-line value that contradicts them is refused.
+
+Writes OUT/results.json (schema fsmis-results/1, see README), results.csv, results.md and, per
+fold and query case, OUT/predictions/fold<k>/pred_<case>_<class>.nii.gz (the scored binary mask of
+each class, on the query's own grid) and pred_<case>.nii.gz (all classes as one label map, with
+the dataset's class ids; where class masks overlap the later class wins).
 """
 from __future__ import annotations
 
@@ -24,28 +31,34 @@ def build_parser() -> argparse.ArgumentParser:
     from fsmis.methods.base import available_methods
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, help=f"method name: {', '.join(available_methods())}")
-    p.add_argument("--config", help="method config (YAML), for trained methods")
-    p.add_argument("--checkpoint", help="checkpoint folder or file, for trained methods")
+    p.add_argument("--method", help=f"method name: {', '.join(available_methods())} (with --checkpoint: "
+                                     "taken from the run)")
+    p.add_argument("--checkpoint", help="trained run folder (train.py --out), or one of its step folders")
+    p.add_argument("--config", help="optional, with --checkpoint: a config whose eval section is used; its model "
+                                    "keys must equal the run's")
+    p.add_argument("--weights", choices=["best", "last"], default="best",
+                   help="which checkpoint of the run (default best, falling back to last)")
     p.add_argument("--data", required=True, help="dataset root: benchmark folder, its *_normalized folder, "
                                                  "or a folder with dataset.json")
     p.add_argument("--out", required=True, help="output folder for results and predictions")
     g = p.add_argument_group("protocol (every switch is written into results.json)")
-    g.add_argument("--protocol", choices=["canonical", "legacy"], default="canonical",
-                   help="fold protocol (default canonical: support = first case of the next fold)")
-    g.add_argument("--supp-idx", type=int, default=2,
+    g.add_argument("--protocol", choices=["canonical", "legacy"], default=None,
+                   help="fold protocol (default: the run's, else canonical: support = first case of the next fold)")
+    g.add_argument("--supp-idx", type=int, default=None,
                    help="legacy folds: index of the support case in the sorted fold "
-                        "(2 Q-Net/RPT/PAMI/GMRD/FAMNet, 3 CAT-Net, -1 ADNet; default 2)")
+                        "(2 Q-Net/RPT/PAMI/GMRD/FAMNet, 3 CAT-Net, -1 ADNet; default: the run's, else 2)")
     g.add_argument("--folds", type=int, nargs="+", help="evaluate only these folds (default: all 5)")
     g.add_argument("--n-folds", type=int, default=5)
-    g.add_argument("--setting", type=int, choices=[1, 2], default=1,
-                   help="training setting of the evaluated model (recorded; default 1)")
-    g.add_argument("--exclusion", choices=["any", "all"], default="any",
-                   help="Setting-2 exclusion used in training (recorded; default any)")
+    g.add_argument("--setting", type=int, choices=[1, 2], default=None,
+                   help="training setting of the evaluated model (recorded; a run's own is used and a "
+                        "different value refused; default 1)")
+    g.add_argument("--exclusion", choices=["any", "all"], default=None,
+                   help="Setting-2 exclusion used in training (recorded; as --setting; default any)")
     g.add_argument("--chunking", choices=["ep1", "alpnet"], default="ep1",
                    help="ep1: chunks of the class slices (default); alpnet: equal-extent chunks over z_min..z_max")
-    g.add_argument("--support-mode", choices=["1shot", "3shot"], default="1shot",
-                   help="1shot: chunk i uses support slice i (default); 3shot: all support slices for every chunk")
+    g.add_argument("--support-mode", choices=["1shot", "3shot"], default=None,
+                   help="1shot: chunk i uses support slice i; 3shot: all support slices for every chunk "
+                        "(default: the run's eval.support, else 1shot)")
     g.add_argument("--dice", choices=["per_volume", "pooled"], default="per_volume",
                    help="headline Dice: per-volume 3D Dice averaged (default) or pooled over a fold's volumes")
     g.add_argument("--n-part", type=int, default=3, help="EP1 parts (default 3)")
@@ -61,22 +74,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from fsmis.config import ConfigError
     from fsmis.data.datasets import open_dataset
+    from fsmis.engine.checkpoints import CheckpointError
     from fsmis.evaluation.protocol import Evaluator, ProtocolConfig
     from fsmis.evaluation.results import results_markdown, write_results
     from fsmis.methods.base import build_predictor
+    from fsmis.models.weights import WeightLoadError
 
     if (args.support_case is None) != (args.query_cases is None):
         print("error: --support-case and --query-cases go together", file=sys.stderr)
         return 2
+    if args.method is None and args.checkpoint is None:
+        parser.error("give --method (e.g. support-copy) or --checkpoint RUN_DIR")
     try:
         ds = open_dataset(args.data)
-        predictor = build_predictor(args.method, config=args.config, checkpoint=args.checkpoint)
+        training = None
+        if args.checkpoint is not None:
+            from fsmis.engine.runs import load_run
+
+            run = load_run(args.checkpoint, which=args.weights, config=args.config)
+            if args.method is not None and args.method != run.cfg.method:
+                raise ValueError(f"--method {args.method} but {run.run_dir} is a {run.cfg.method!r} run")
+            predictor = run.predictor()
+            training = training_protocol(run, ds, args)
+        else:
+            predictor = build_predictor(args.method, config=args.config)
         cfg = ProtocolConfig(
-            folds=args.protocol, supp_idx=args.supp_idx, n_folds=args.n_folds, fold_ids=args.folds,
-            n_part=args.n_part, chunking=args.chunking, support=args.support_mode, dice=args.dice,
-            setting=args.setting, exclusion=args.exclusion, test_classes=args.classes,
+            folds=args.protocol or "canonical", supp_idx=2 if args.supp_idx is None else args.supp_idx,
+            n_folds=args.n_folds, fold_ids=args.folds,
+            n_part=args.n_part, chunking=args.chunking, support=args.support_mode or "1shot", dice=args.dice,
+            setting=args.setting or 1, exclusion=args.exclusion or "any", test_classes=args.classes,
             surface_metrics=not args.no_surface, support_case=args.support_case,
             query_cases=args.query_cases)
         out = Path(args.out)
@@ -86,12 +116,14 @@ def main(argv=None) -> int:
         print(f"{predictor.name} on {ds.name} ({len(ds.case_ids)} cases, classes {', '.join(ev.classes)}); "
               f"{len(folds)} fold(s): " + "; ".join(f"support {f.support} -> {len(f.queries)} queries" for f in folds))
         results = ev.run()
+        if training is not None:
+            results["training"] = training
         written = write_results(results, out)
         if sink is not None:
             written += sink.flush()
         if not args.no_figures:
             written += write_figures(ds, predictor, results, out / "figures")
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, ConfigError, CheckpointError, WeightLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()
@@ -100,6 +132,49 @@ def main(argv=None) -> int:
           + ("" if args.no_nifti else f", predictions in {out / 'predictions'}")
           + ("" if args.no_figures else f", overlays in {out / 'figures'}"))
     return 0
+
+
+def training_protocol(run, ds, args) -> dict:
+    """Fill the protocol switches from the run's saved config; refuse command-line values that
+    contradict it. Returns the training record written into results.json."""
+    data = run.cfg.data
+    record = {"run": str(run.run_dir), "checkpoint": str(run.step_dir), "step": run.step, "weights": run.weights,
+              "method": run.cfg.method, "config_name": run.cfg.name}
+    if not hasattr(data, "setting"):
+        return record
+    same_data = _same_dataset(data.root, ds)
+    # what the model was trained with; the fold protocol binds only on the training dataset itself
+    own = {"setting": data.setting, "exclusion": data.exclusion}
+    if same_data:
+        own.update({"protocol": data.protocol, "supp_idx": data.supp_idx if data.protocol == "legacy" else None})
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {v!r})"
+             for k, v in own.items() if v is not None and getattr(args, k) is not None and getattr(args, k) != v]
+    if same_data and args.support_case is None and args.folds is not None and list(args.folds) != [data.fold]:
+        clash.append(f"--folds {' '.join(map(str, args.folds))} (the run was trained on fold {data.fold} of this "
+                     "dataset: the other folds' queries were training cases)")
+    if clash:
+        raise ValueError(f"{run.run_dir / 'config.yaml'} contradicts " + "; ".join(clash))
+    for k, v in {**own, "support_mode": run.cfg.eval.support}.items():
+        if getattr(args, k) is None and v is not None:
+            setattr(args, k, v)
+    if same_data and args.folds is None and args.support_case is None:
+        args.folds = [data.fold]
+    record.update({"setting": data.setting, "exclusion": data.exclusion, "labels": data.labels,
+                   "folds_protocol": data.protocol, "supp_idx": data.supp_idx, "fold": data.fold,
+                   "train_data": str(data.root), "same_dataset": same_data})
+    return record
+
+
+def _same_dataset(root, ds) -> bool:
+    """Whether the run's data.root is the dataset being evaluated (same image folder)."""
+    if root is None:
+        return False
+    try:
+        from fsmis.data.datasets import open_dataset
+
+        return Path(open_dataset(root).image_dir).resolve() == Path(ds.image_dir).resolve()
+    except Exception:
+        return False
 
 
 def write_figures(ds, predictor, results, folder: Path) -> list:
@@ -118,21 +193,16 @@ def write_figures(ds, predictor, results, folder: Path) -> list:
 
 
 class PredictionWriter:
-    """Collects per-class predictions and writes one label map per (fold, query case) on the
-    query file's own grid, with the dataset's class ids."""
+    """Collects the scored per-class predictions and writes, per (fold, query case), one binary mask
+    per class and one label map, on the query file's own grid."""
 
     def __init__(self, dataset, folder: Path):
         self.ds = dataset
         self.folder = Path(folder)
-        self.maps = {}
+        self.masks: dict = {}
 
     def __call__(self, fold, case, cls, mask):
-        import numpy as np
-
-        key = (fold, case)
-        if key not in self.maps:
-            self.maps[key] = np.zeros(mask.shape, dtype=np.int16)
-        self.maps[key][mask] = self.ds.class_id(cls)
+        self.masks.setdefault((fold, case), {})[cls] = mask.copy()
 
     def flush(self) -> list[Path]:
         import numpy as np
@@ -140,10 +210,16 @@ class PredictionWriter:
         from fsmis.data.nifti import save_like
 
         written = []
-        for (fold, case), arr in self.maps.items():
+        for (fold, case), per_class in self.masks.items():
             sub = self.folder / ("explicit" if fold is None else f"fold{fold}")
             vol = self.ds.load_case(case).image_volume
-            written.append(save_like(arr, vol, sub / f"pred_{case}.nii.gz", dtype=np.int16))
+            label_map = None
+            for cls, mask in per_class.items():
+                written.append(save_like(mask.astype(np.uint8), vol, sub / f"pred_{case}_{cls}.nii.gz", dtype=np.uint8))
+                if label_map is None:
+                    label_map = np.zeros(mask.shape, dtype=np.int16)
+                label_map[mask] = self.ds.class_id(cls)
+            written.append(save_like(label_map, vol, sub / f"pred_{case}.nii.gz", dtype=np.int16))
         return written
 
 

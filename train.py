@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Train SD-FSMIS episodically.
+"""Train a method (the config's ``method:``; SD-FSMIS by default) with the one training engine.
 
   python train.py --config configs/demo.yaml --out runs/demo data.root=datasets/phantom/ct
+  python train.py --config configs/demo_vae.yaml --out runs/demo_vae data.root=datasets/phantom/ct
   python train.py --config configs/sdfsmis_abd_ct_setting1.yaml --out runs/ct_s1 --folds 0 1 2 3 4
   python train.py --resume runs/demo                 # continue after a crash or Ctrl-C
   python train.py --config C --dry-run [key=value ...] # build, print the load report, exit
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     from fsmis.data.nifti import DataError
     from fsmis.engine.checkpoints import CheckpointError
     from fsmis.engine.trainer import Trainer, train_folds
+    from fsmis.models.weights import WeightLoadError
 
     try:
         if args.resume:
@@ -48,8 +50,7 @@ def main(argv=None) -> int:
             step = tr.resume()
             print(f"resuming {run} at step {step} of {cfg.train.max_steps}")
             summary = tr.fit()
-            print(f"done: {summary['steps']} steps, best validation Dice {summary['best_val_dice']:.4f}; "
-                  f"checkpoints in {run / 'checkpoints'}")
+            _done(summary, run)
             return 0
         if not args.config:
             p.error("--config is required (or --resume RUN_DIR)")
@@ -62,35 +63,51 @@ def main(argv=None) -> int:
         if args.folds:
             summaries = train_folds(cfg, out, args.folds, args.device, not args.quiet)
             for k, s in summaries.items():
-                print(f"fold {k}: {s['steps']} steps, best validation Dice {s['best_val_dice']:.4f}")
+                _done(s, out / f"fold{k}", f"fold {k}: ")
             return 0
         tr = Trainer(cfg, out, args.device, not args.quiet).setup()
         if tr.resume():
             print(f"{out} already holds checkpoints; continuing from step {tr.step}")
         summary = tr.fit()
-        print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s, best validation Dice "
-              f"{summary['best_val_dice']:.4f}; checkpoints in {out / 'checkpoints'}")
+        _done(summary, out)
         return 0
-    except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, WeightLoadError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
+def _done(summary: dict, run: Path, prefix: str = "done: ") -> None:
+    val = summary["best_val_dice"]
+    line = f"{prefix}{summary['steps']} steps in {summary['seconds']:.0f} s"
+    if val is not None and val >= 0:
+        line += f", best validation Dice {val:.4f}"
+    line += f"; checkpoints in {run / 'checkpoints'}"
+    if summary.get("exported"):
+        line += "; exported " + ", ".join(summary["exported"])
+    print(line)
+
+
 def dry_run(cfg, device=None) -> int:
-    from fsmis.engine.trainer import fold_split
-    from fsmis.models.build import build_model, parameter_counts
+    """Build the model (printing where every weight came from) and check the data, train nothing.
+    The data are one row of the table: weights can be checked before the data arrive."""
+    from fsmis.data.nifti import DataError
+    from fsmis.engine.method import method_class
 
-    model, report = build_model(cfg.model)
-    print(report.format())
-    counts = parameter_counts(model)
-    print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items()))
-    if cfg.data.root:
-        from fsmis.data.datasets import open_dataset
-
-        ds = open_dataset(cfg.data.root)
-        fold, train, val = fold_split(cfg, ds)
-        print(f"data: {ds.name}, fold {fold.fold}: support {fold.support}, queries {list(fold.queries)}, "
-              f"{len(train)} training cases, validation {val}")
+    method = method_class(cfg.method)(cfg, device or "cpu")
+    method.build()
+    if method.load_report is not None:
+        print(method.load_report.format())
+    counts = method.parameter_counts()
+    print(f"method {cfg.method}; parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items()))
+    root = getattr(cfg.data, "root", None)
+    try:
+        method.setup_data()
+        rows = [("data", "found")] + method.describe_data()
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        rows = [("data", f"NOT FOUND or unusable: {exc}")] if root else [("data", "not set (data.root)")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
     print("dry run: nothing trained")
     return 0
 

@@ -8,11 +8,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def default_file_mode() -> int:
-    """0666 minus the process umask: what a plain open() would create (mkstemp uses 0600)."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def default_file_mode() -> int:
+    """0666 minus the process umask: what a plain open() would create (mkstemp uses 0600)."""
+    return 0o666 & ~_umask()
 
 
 @contextmanager
@@ -45,3 +49,35 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def atomic_directory(path: str | Path):
+    """Yield a temporary folder beside ``path``; on success its files are fsynced, get the usual
+    modes, and the folder replaces ``path`` (any previous content); on any error it is removed, so
+    ``path`` is always either complete or as it was."""
+    import shutil
+    import time
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        mode = default_file_mode()
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.chmod(f, mode)
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if path.exists():
+            old = path.parent / f".old-{path.name}-{os.getpid()}-{time.time_ns()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

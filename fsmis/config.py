@@ -32,25 +32,6 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    sd_path: str | None = None  # local diffusers SD folder (unet/, vae/) or single checkpoint file
-    sd_config: str | None = None  # for a single checkpoint file: local folder with unet/ and vae/ configs
-    vae_path: str | None = None  # a separate local AutoencoderKL folder (e.g. the demo VAE)
-    unet: dict | None = None  # UNet2DConditionModel config for random initialisation (no sd_path)
-    vae: dict | None = None  # AutoencoderKL config for random initialisation
-    vtct_encoder: str = "dinov2"  # dinov2 | clip | none
-    vtct_encoder_path: str | None = None
-    vtct_hidden: int = 1536
-    vtct_depth: int = 3
-    vtct_feat_dim: int = 128  # feature size of the "none" encoder
-    scaling_factor: float | None = None  # latent scale; None: the VAE config's scaling_factor (SD: 0.18215)
-    qe_threshold: float = 0.7
-    qe_topk_ratio: float = 0.1875
-    threshold_ratio: float = 0.25
-    largest_component: bool = True
-
-
-@dataclass
 class TrainConfig:
     max_steps: int = 15000  # optimiser steps
     batch_size: int = 1  # episodes per micro-batch
@@ -58,7 +39,7 @@ class TrainConfig:
     lr: float = 1e-5  # UNet
     vtct_lr_mult: float = 5.0  # VTCT MLP at 5x
     weight_decay: float = 1e-2
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # gradient-norm clipping; 0 = none
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     grad_checkpointing: bool = False
     fused_optimizer: bool = True  # fused AdamW kernel on CUDA (no effect on CPU)
@@ -70,6 +51,9 @@ class TrainConfig:
     log_every: int = 10
     image_every: int = 500
     keep_last: int = 3  # step checkpoints kept besides best and last
+    schedule: str = "linear"  # linear (decay to 0, released) | warmup_cosine | constant
+    warmup_steps: int = 0  # warmup_cosine: linear warm-up over this many steps
+    final_lr_ratio: float = 0.05  # warmup_cosine: the learning rate ends at this fraction of its peak
 
 
 @dataclass
@@ -81,13 +65,35 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "experiment"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    method: str = "sdfsmis"  # a registered method (fsmis.engine.method) or package.module:Class
+    data: Any = None  # the method's data section (DataConfig for episodic methods)
+    model: Any = None  # the method's model section (its own dataclass)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self):
+        if self.data is None or self.model is None:
+            spec = method_spec(self.method)
+            self.data = spec.data_config() if self.data is None else self.data
+            self.model = spec.model_config() if self.model is None else self.model
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def method_spec(name: str):
+    """The Method class behind ``method:`` (it names the dataclasses of its sections)."""
+    from .engine.method import method_class
+
+    return method_class(name)
+
+
+def __getattr__(name):
+    if name == "ModelConfig":  # the default method's model section
+        from .models.sd_fsmis import SDFSMISConfig
+
+        return SDFSMISConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -101,11 +107,19 @@ def _build(cls, values: dict, where: str):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
+    sub = {}
+    if cls is Config:
+        method = values.get("method", "sdfsmis")
+        if not isinstance(method, str):
+            raise ConfigError(f"method: expected a name, got {method!r}")
+        spec = method_spec(method)
+        sub = {"data": spec.data_config, "model": spec.model_config, "train": TrainConfig, "eval": EvalConfig}
+        for key in ("data", "model"):
+            values = values if key in values else {**values, key: {}}
     for key, val in values.items():
         if key not in fields:
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(fields)})")
         ftype = fields[key].type
-        sub = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
         if cls is Config and key in sub:
             kwargs[key] = _build(sub[key], val, key)
         else:
@@ -135,6 +149,8 @@ def _coerce(val, ftype, where):
             raise ConfigError(f"{where}: expected true/false, got {val!r}")
         return val
     if t.startswith("str"):
+        if isinstance(val, list) and "list" in t:
+            return [str(v) for v in val]
         return str(val)
     return val
 
@@ -170,6 +186,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
-    from .evaluation.results import atomic_write_text
+    from .atomic import atomic_write_text
 
     return atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -8,7 +8,8 @@ import torch
 from fsmis.config import load_config
 from fsmis.engine import checkpoints as ck
 from fsmis.engine.latent_cache import LatentCache, episode_keys
-from fsmis.engine.trainer import Trainer, collate
+from fsmis.data.batch import collate
+from fsmis.engine.trainer import Trainer
 from safetensors.torch import load_file
 
 from test_training import _config, tiny_data  # noqa: F401  (fixture)
@@ -25,7 +26,7 @@ def test_cached_posteriors_give_the_uncached_loss(tmp_path, tiny_data):
     tr = _trainer(tmp_path, tiny_data, "x")
     model = tr.model.eval()
     rng = np.random.default_rng(0)
-    episodes = [tr.sampler.sample(rng) for _ in range(3)]
+    episodes = [tr.method.sampler.sample(rng) for _ in range(3)]
     batch = collate(episodes, tr.cfg.data.image_size)
     cache = LatentCache(model)
     with torch.no_grad():
@@ -43,7 +44,7 @@ def test_cached_posteriors_give_the_uncached_loss(tmp_path, tiny_data):
 def test_cache_encodes_each_item_once_and_value_depends_on_item_only(tmp_path, tiny_data):
     tr = _trainer(tmp_path, tiny_data, "y")
     rng = np.random.default_rng(1)
-    episodes = [tr.sampler.sample(rng) for _ in range(4)]
+    episodes = [tr.method.sampler.sample(rng) for _ in range(4)]
     batch = collate(episodes, tr.cfg.data.image_size)
     a = LatentCache(tr.model)
     first = a.batch_posteriors(batch, episodes)
@@ -63,7 +64,7 @@ def test_cache_encodes_each_item_once_and_value_depends_on_item_only(tmp_path, t
 
 def test_episode_keys_refuse_augmented_episodes(tmp_path, tiny_data):
     tr = _trainer(tmp_path, tiny_data, "z")
-    e = tr.sampler.sample(np.random.default_rng(0))
+    e = tr.method.sampler.sample(np.random.default_rng(0))
     e.augmented = "query"
     with pytest.raises(ValueError, match="augmentation"):
         episode_keys([e])
@@ -94,7 +95,7 @@ def test_cached_training_follows_uncached_and_resumes_to_the_bit(tmp_path, tiny_
     b.train_step()
     b.save()
     c = _trainer(tmp_path, tiny_data, "b", "train.cache_latents=true")
-    assert c.resume() == 2 and len(c.latent_cache) == 0
+    assert c.resume() == 2 and len(c.method.latent_cache) == 0
     c.fit()
     wc = load_file(str(ck.resolve_checkpoint(tmp_path / "b", "last") / "model.safetensors"))
     for k in wb:

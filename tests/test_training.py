@@ -154,7 +154,7 @@ def test_checkpoint_layout_and_strict_reload(tmp_path, tiny_data):
     key = sorted(tensors)[0]
     del tensors[key]
     with pytest.raises(ck.CheckpointError, match="missing"):
-        ck.load_model_state(tr.model, tensors, "x")
+        tr.method.load_trained_state(tensors, "x")
 
 
 def test_sdfsmis_predictor_through_test_py(tmp_path, tiny_data):

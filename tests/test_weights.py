@@ -1,4 +1,4 @@
-"""Strict, reported weight loading (fsmis.models.build) and tools/make_random_sd.py.
+"""Strict, reported weight loading (fsmis.models.weights) and tools/make_random_sd.py.
 
 Everything runs on randomly initialised models written to tmp folders (no download): a tiny
 diffusers folder for the round trip and each failure (missing / unexpected / shape-mismatched key,
@@ -22,9 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fsmis.config import ConfigError, ModelConfig
-from fsmis.models import build as B
-from fsmis.models.build import (RANDOM_INIT, SD15_UNET, SD21_UNET, TINY_UNET, TINY_VAE, LoadReport, WeightLoadError,
-                                build_model, load_unet, load_vae, parameter_counts, preset)
+from fsmis.models import weights as B
+from fsmis.models.presets import SD15_UNET, SD21_UNET, TINY_UNET, TINY_VAE, preset
+from fsmis.models.sd_fsmis import build_model, parameter_counts
+from fsmis.models.weights import RANDOM_INIT, LoadReport, WeightLoadError, load_unet, load_vae
 from fsmis.models.sqi import count_sqi_layers
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,9 +34,7 @@ def _model_cfg(arch: str):
         cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").model
         cfg.vae_path = None
         if cfg.vae is None:
-            from fsmis.models.demo_vae import DEMO_VAE_CONFIG
-
-            cfg.vae = dict(DEMO_VAE_CONFIG)
+            cfg.vae = dict(load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_vae.yaml").model.architecture)
         return cfg
     return ModelConfig(unet=arch, vae=arch, vtct_encoder="none", vtct_feat_dim=768, vtct_hidden=1536)
 
@@ -58,14 +56,14 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
 
     from fsmis.config import TrainConfig
     from fsmis.engine.trainer import autocast, make_optimizer
-    from fsmis.models.build import build_model
-    from fsmis.models.sd_fsmis import Batch
+    from fsmis.data.batch import Batch
+    from fsmis.models.sd_fsmis import SDFSMIS
 
     torch.manual_seed(0)
     dev = torch.device(device)
     t_build = time.perf_counter()
     with dev:  # random weights are initialised where they will run
-        model, _ = build_model(_model_cfg(arch))
+        model, _ = SDFSMIS.from_config(_model_cfg(arch))
     model.to(dev)
     t_build = time.perf_counter() - t_build
     if channels_last:
@@ -87,7 +85,9 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
 
     if kind == "train":
         # the trainer's optimiser (two groups); the fast path adds the fused kernel on CUDA
-        opt = make_optimizer(model, TrainConfig(lr=1e-5, fused_optimizer=fast), dev)
+        tc = TrainConfig(lr=1e-5, fused_optimizer=fast)
+        opt = make_optimizer([{"params": model.unet_parameters(), "lr": tc.lr},
+                              {"params": model.vtct_parameters(), "lr": tc.lr * tc.vtct_lr_mult}], tc, dev)
         model.train()
 
         def step():

@@ -2,9 +2,9 @@
 """The end-to-end demo behind `make demo`, on the embedded phantom data, on a CPU.
 
 1. generates (or reuses) the phantom CT (with its supervoxels) and MR datasets;
-2. trains (or reuses, cached by data and settings) the small demo VAE on the phantom CT images
-   and supervoxel masks; its mask reconstruction Dice is the ceiling of the demo model and is
-   reported as an "oracle" row;
+2. trains (or reuses, cached by data and config) the small demo VAE (configs/demo_vae.yaml,
+   through the training engine) on the phantom CT images and supervoxel masks; its mask
+   reconstruction Dice is the ceiling of the demo model and is reported as an "oracle" row;
 3. trains the demo SD-FSMIS (configs/demo.yaml) self-supervised on fold 0 of the phantom CT
    (resumed or reused when a finished run with the same config exists);
 4. evaluates SD-FSMIS and support-copy with the canonical protocol (EP1, 1-shot):
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="datasets/phantom", help="phantom data folder (ct/ and mr/ inside)")
     p.add_argument("--out", default="results/demo", help="report folder")
     p.add_argument("--work", default="checkpoints/demo", help="cache of the demo VAE and the trained run")
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="SD-FSMIS demo config")
+    p.add_argument("--vae-config", default=str(ROOT / "configs" / "demo_vae.yaml"), help="demo VAE config")
     p.add_argument("--cases", type=int, default=10, help="phantom cases per modality")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=_shape, default=None, metavar="Z,Y,X",
@@ -103,9 +104,9 @@ def main(argv=None) -> int:
     from fsmis.evaluation.figures import example_rows, overlay_panel
     from fsmis.evaluation.protocol import ProtocolConfig, evaluate
     from fsmis.evaluation.results import atomic_write_json, atomic_write_text, results_markdown, write_results
+    from fsmis.engine.runs import load_run
+    from fsmis.methods.autoencoder import REPORT_NAME, ensure_autoencoder
     from fsmis.methods.base import build_predictor
-    from fsmis.methods.sdfsmis import load_predictor
-    from fsmis.models.demo_vae import ensure_demo_vae
 
     t0 = time.time()
     timings = {}
@@ -120,9 +121,13 @@ def main(argv=None) -> int:
     from fsmis.config import load_config
 
     size = load_config(Path(args.config), args.overrides).data.image_size
-    vae_dir = ensure_demo_vae(ct_dir, work / "vae", progress=not args.quiet, steps=args.vae_steps,
-                              image_size=size, crop=size // 2)
-    vae_report = json.loads((vae_dir / "vae_report.json").read_text())
+    vae_cfg = load_config(Path(args.vae_config), [
+        f"data.root={ct_dir}", f"train.max_steps={args.vae_steps}", f"train.warmup_steps={max(1, int(0.03 * args.vae_steps))}",
+        f"data.image_size={size}", f"data.crop={size // 2}"])
+    vae_dir, reused = ensure_autoencoder(vae_cfg, work / "vae", progress=not args.quiet)
+    if reused:
+        print(f"reusing the demo VAE in {vae_dir}")
+    vae_report = json.loads((vae_dir / REPORT_NAME).read_text(encoding="utf-8"))
     timings["vae_s"] = round(time.time() - t1, 1)
 
     t1 = time.time()
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
     timings["train_s"] = round(time.time() - t1, 1)
     fold = cfg.data.fold
 
-    methods = {"sdfsmis": load_predictor(str(work / "run" / "config.yaml"), str(work / "run"), device="cpu"),
+    methods = {"sdfsmis": load_run(work / "run", device="cpu").predictor(),
                "support-copy": build_predictor("support-copy")}
     ct, mr = open_dataset(ct_dir), open_dataset(mr_dir)
     splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[fold])),
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
         f"Phantom data: {args.cases} CT and {args.cases} MR cases (seeds {args.seed}, {args.seed + 1000}). "
         f"SD-FSMIS: configs/demo.yaml ({summary['steps']} steps on phantom CT fold {fold}, self-supervised "
         f"supervoxel episodes, best validation Dice {summary['best_val_dice']:.3f}), demo VAE "
-        f"{vae_dir.name} (latent scaling factor {vae_report['scaling_factor']:.4f}). Mean Dice (%), canonical protocol, EP1, 1-shot, per-volume 3D Dice. In-domain: "
+        f"{vae_dir.parent.name} (latent scaling factor {vae_report['scaling_factor']:.4f}). Mean Dice (%), canonical protocol, EP1, 1-shot, per-volume 3D Dice. In-domain: "
         f"fold {fold} of the CT (its queries were never trained on); cross-domain: all 5 folds of the MR.", "",
         *summary_rows, "", "The oracle row is the Dice of the demo VAE's own reconstruction of the true masks: "
         "no model on top of this VAE can exceed it.", "", *sections,

@@ -6,7 +6,7 @@
 
 The folder (unet/, vae/, model_index.json; weights as diffusion_pytorch_model.safetensors) has the
 layout of a real SD checkpoint folder, so ``model.sd_path=DIR`` exercises the real, strict loading
-path of fsmis.models.build. The weights are useless for segmentation: this is for tests, smoke runs
+path of fsmis.models.weights. The weights are useless for segmentation: this is for tests, smoke runs
 and timing only. Architectures: sd15 (UNet 859.5 M parameters, cross-attention 768), sd21 (865.9 M,
 cross-attention 1024), tiny (tests).
 
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fsmis.models.build import PRESETS, preset  # noqa: E402  (after the sys.path insertion)
+from fsmis.models.presets import PRESETS, preset  # noqa: E402  (after the sys.path insertion)
 
 
 def write_random_sd(arch: str, out: str | Path, dtype: str = "fp32", seed: int = 0, force: bool = False) -> dict:

@@ -4,6 +4,10 @@
   python tools/predict.py --method support-copy \\
       --support-image A.nii.gz --support-label A_seg.nii.gz --label 6 \\
       --query-image B.nii.gz [--query-slices 10:40] --out pred.nii.gz
+  python tools/predict.py --checkpoint RUN_DIR --support-image A.nii.gz ...   # a trained run
+
+A trained method is loaded from its run folder (train.py --out): model and settings come from
+RUN_DIR/config.yaml, exactly as test.py evaluates it.
 
 Support and query may differ in orientation, spacing and in-plane size: the query is brought
 to the support's layout, predicted, and mapped back. The output lies on the query's own grid
@@ -24,9 +28,10 @@ def main(argv=None) -> int:
     from fsmis.methods.base import available_methods
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(available_methods())}")
-    p.add_argument("--config", help="method config (trained methods)")
-    p.add_argument("--checkpoint", help="checkpoint (trained methods)")
+    p.add_argument("--method", help=f"one of: {', '.join(available_methods())} (with --checkpoint: from the run)")
+    p.add_argument("--checkpoint", help="trained run folder (train.py --out), or one of its step folders")
+    p.add_argument("--config", help="optional, with --checkpoint: a config whose eval section is used; its model "
+                                    "keys must equal the run's")
     p.add_argument("--support-image", required=True, help="annotated scan (NIfTI)")
     p.add_argument("--support-label", required=True, help="its label map (NIfTI, same grid)")
     p.add_argument("--label", type=int, required=True, help="label id of the structure to segment")
@@ -37,15 +42,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output mask (NIfTI)")
     args = p.parse_args(argv)
 
+    from fsmis.config import ConfigError
+    from fsmis.engine.checkpoints import CheckpointError
     from fsmis.inference import predict_scan
     from fsmis.methods.base import build_predictor
+    from fsmis.models.weights import WeightLoadError
 
+    if args.method is None and args.checkpoint is None:
+        p.error("give --method (e.g. support-copy) or --checkpoint RUN_DIR")
     try:
         predictor = build_predictor(args.method, config=args.config, checkpoint=args.checkpoint)
         print(f"{predictor.name}: label {args.label} of {args.support_image} -> {args.query_image}")
         res = predict_scan(predictor, args.support_image, args.support_label, args.label,
                            args.query_image, args.out, args.query_slices, args.n_part, args.out_value)
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, ConfigError, CheckpointError, WeightLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"support slices {res.support_slices}; query slices {res.query_slices[0]}..{res.query_slices[-1]}; "

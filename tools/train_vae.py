@@ -1,22 +1,16 @@
 #!/usr/bin/env python
-"""Train the CPU demo's small VAE (the stand-in for SD's frozen VAE) on a dataset folder.
+"""Train the CPU demo's small VAE (the stand-in for SD's frozen VAE) on dataset folder(s).
 
-A tiny AutoencoderKL (blocks 32/64/64, 4 latent channels, spatial factor 4: a 32 x 32 latent
-grid at --image-size 128) is trained on random 64 x 64 crops of the dataset's images
-(per-volume min-max to [-1, 1]) and of its unsupervised supervoxel masks ({0,1} -> {-1,+1});
-no ground-truth organ label is used for training (without a supervoxels_* folder it falls
-back to the label masks, with a warning). The organ labels of the test classes are used to
-evaluate the mask reconstruction (posterior mean -> decode -> probability > 0.5): its 3D
-Dice is the ceiling ("oracle") of the demo segmenter. See fsmis/models/demo_vae.py.
-
-Writes OUT/config.json, OUT/diffusion_pytorch_model.safetensors (load with
-AutoencoderKL.from_pretrained(OUT, local_files_only=True)) and OUT/vae_report.json,
-atomically. With --cache, OUT is a cache folder: the model goes to OUT/<key>/ and is reused
-when the data and the training arguments are unchanged.
+A thin wrapper of ``train.py --config configs/demo_vae.yaml`` (the architecture and recipe live
+in that file; fsmis/methods/autoencoder.py): it trains through the same engine (progress bar,
+TensorBoard, atomic checkpoints, resume), then prints the mask reconstruction table. The trained
+VAE is RUN/vae/ (config.json with its latent scaling factor, diffusion_pytorch_model.safetensors,
+vae_report.json), usable as SD-FSMIS's model.vae_path. With --cache, OUT is a cache folder: the
+run goes to OUT/<key>/ and is reused when the data and the config are unchanged.
 
 Examples
   python tools/train_vae.py --data datasets/phantom/ct --out runs/demo_vae
-  python tools/train_vae.py --data datasets/phantom/ct --out checkpoints/vae_cache --cache --steps 300
+  python tools/train_vae.py --data datasets/phantom/ct --out checkpoints/vae_cache --cache train.max_steps=300
   python tools/train_vae.py --data datasets/phantom/ct datasets/phantom/mr --out runs/demo_vae_ct_mr
 """
 from __future__ import annotations
@@ -27,34 +21,21 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import fsmis  # noqa: F401
-except ImportError:  # run from a checkout: python tools/train_vae.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsmis.models.demo_vae import DEFAULT_TRAIN_KWARGS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = DEFAULT_TRAIN_KWARGS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, nargs="+",
-                   help="dataset folder(s) (dataset.json folder or benchmark folder); several are pooled "
-                        "(e.g. the CT and MR phantoms for a cross-domain demo); the table shows the first")
-    p.add_argument("--out", required=True, type=Path, help="output folder (replaced), or the cache folder with --cache")
-    p.add_argument("--image-size", type=int, default=d["image_size"], help="in-plane size of the slices (default %(default)s)")
-    p.add_argument("--crop", type=int, default=d["crop"], help="training crop size (default %(default)s)")
-    p.add_argument("--steps", type=int, default=d["steps"], help="optimiser steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="crops per step, half images half masks (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d["seed"], help="seed (default %(default)s)")
-    p.add_argument("--masks", choices=("auto", "supervoxels", "labels"), default=d["masks"],
-                   help="training masks: supervoxels (label-free), labels (sees test labels), "
-                        "auto = supervoxels if the dataset has them (default %(default)s)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="also stop after this many minutes of training (the result then depends on the machine)")
+                   help="dataset folder(s); several are pooled (e.g. the CT and MR phantoms); the table shows the first")
+    p.add_argument("--out", required=True, type=Path, help="run folder, or the cache folder with --cache")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo_vae.yaml",
+                   help="autoencoder config (default configs/demo_vae.yaml)")
     p.add_argument("--cache", action="store_true", help="treat --out as a cache folder: OUT/<key>/, reused when current")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (train.max_steps=720, data.crop=64, ...)")
     return p
 
 
@@ -66,10 +47,9 @@ def report_table(report: dict) -> str:
         f"(latent grid {report['latent_grid']} x {report['latent_grid']}), masks from {tr['mask_source']}",
         f"trained {tr['steps_done']} steps x {tr['batch_size']} crops of {tr['crop']} px in {tr['seconds']:.0f} s "
         f"({tr['seconds_per_step']:.2f} s/step, {tr['threads']} threads)",
+        f"latent scaling factor {report['scaling_factor']:.4f} (1 / latent std {report['latent_std']:.4f}; "
+        "stored in config.json)",
     ]
-    if "scaling_factor" in report:
-        lines.append(f"latent scaling factor {report['scaling_factor']:.4f} (1 / latent std {report['latent_std']:.4f}; "
-                     "stored in config.json)")
     if ev:
         lines += ["", "| class | 3D Dice (per volume) | slice Dice | pooled Dice |", "|---|---|---|---|"]
         for name, v in ev["dice"].items():
@@ -83,25 +63,30 @@ def report_table(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from fsmis.config import ConfigError, load_config
     from fsmis.data.nifti import DataError
-    from fsmis.models.demo_vae import REPORT_NAME, demo_vae_key, ensure_demo_vae, is_demo_vae_folder, train_demo_vae
+    from fsmis.engine.checkpoints import CheckpointError
+    from fsmis.engine.trainer import Trainer
+    from fsmis.methods.autoencoder import REPORT_NAME, ensure_autoencoder
 
-    data = args.data[0] if len(args.data) == 1 else list(args.data)
-    kw = dict(image_size=args.image_size, crop=args.crop, steps=args.steps, batch_size=args.batch_size,
-              lr=args.lr, seed=args.seed, masks=args.masks, minutes=args.minutes)
+    data = [str(d) for d in args.data]
+    root = data[0] if len(data) == 1 else "[" + ", ".join(json.dumps(d) for d in data) + "]"
     t0 = time.time()
     try:
+        cfg = load_config(args.config, [*args.overrides, f"data.root={root}"])
+        if cfg.method != "autoencoder":
+            raise ConfigError(f"{args.config}: method is {cfg.method!r}, expected autoencoder")
         if args.cache:
-            key = demo_vae_key(data, **kw)
-            reused = is_demo_vae_folder(args.out / key, key)
-            folder = ensure_demo_vae(data, args.out, progress=not args.no_progress, **kw)
-            report = json.loads((folder / REPORT_NAME).read_text())
+            folder, reused = ensure_autoencoder(cfg, args.out, progress=not args.no_progress)
             if reused:
                 print(f"reusing the cached demo VAE in {folder}")
         else:
-            folder = args.out
-            report = train_demo_vae(data, folder, progress=not args.no_progress, **kw)
-    except (DataError, ValueError) as exc:
+            tr = Trainer(cfg, args.out, progress=not args.no_progress).setup()
+            if tr.resume():
+                print(f"{args.out} already holds checkpoints; continuing from step {tr.step}")
+            folder = Path(tr.fit()["exported"][0])
+        report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
+    except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report_table(report))

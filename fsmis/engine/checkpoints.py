@@ -9,15 +9,13 @@ tensors go through safetensors, everything else through JSON.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..evaluation.results import atomic_write_json
+from ..atomic import atomic_directory, atomic_write_json
 
 
 class CheckpointError(RuntimeError):
@@ -54,8 +52,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=ckdir))
-    try:
+    with atomic_directory(final) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
         state = {"step": step, **(extra or {})}
         if optimizer is not None:
@@ -66,16 +63,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer
             state["scheduler"] = scheduler.state_dict()
         if ema_state is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=_json_default))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=_json_default), encoding="utf-8")
     index = read_index(run_dir)
     index["last"] = final.name
     index.setdefault("steps", [])
@@ -109,7 +97,7 @@ def read_index(run_dir: str | Path) -> dict:
     p = Path(run_dir) / "checkpoints" / "index.json"
     if not p.is_file():
         return {}
-    return json.loads(p.read_text())
+    return json.loads(p.read_text(encoding="utf-8"))
 
 
 def clean_partial(run_dir: str | Path) -> list[Path]:
@@ -117,7 +105,7 @@ def clean_partial(run_dir: str | Path) -> list[Path]:
     ckdir = Path(run_dir) / "checkpoints"
     removed = []
     if ckdir.is_dir():
-        for p in ckdir.glob(".tmp-*"):
+        for p in [*ckdir.glob(".tmp-*"), *ckdir.glob(".old-*")]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
             removed.append(p)
     return removed
@@ -160,9 +148,9 @@ def restore_optimizer(optimizer, ckpt: dict) -> None:
     optimizer.load_state_dict(_unflatten_optimizer(ckpt["optimizer"], ckpt["state"]["optimizer"]))
 
 
-def load_model_state(model, tensors: dict, source: str) -> int:
-    """Strictly load the trained tensors (model.trainable_state_dict() keys) into ``model``."""
-    own = model.trainable_state_dict()
+def load_state_strict(own: dict, tensors: dict, source: str) -> int:
+    """Copy ``tensors`` into the live tensors ``own`` (same keys, same shapes, or CheckpointError
+    naming the keys); returns the number of tensors loaded."""
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     mismatched = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
@@ -177,3 +165,29 @@ def load_model_state(model, tensors: dict, source: str) -> int:
         for k, v in own.items():
             v.copy_(tensors[k].to(v.dtype))
     return len(own)
+
+
+FROZEN_NAME = "frozen.safetensors"
+
+
+def save_frozen(run_dir: str | Path, tensors: dict) -> Path | None:
+    """``RUN_DIR/frozen.safetensors``: frozen, randomly initialised tensors of the run (written once,
+    atomically)."""
+    if not tensors:
+        return None
+    path = Path(run_dir) / FROZEN_NAME
+    from ..atomic import atomic_target
+
+    with atomic_target(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+    return path
+
+
+def load_frozen(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / FROZEN_NAME
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc})") from exc

@@ -42,16 +42,33 @@ def register(name: str):
 
 def available_methods() -> list[str]:
     _load_builtin()
-    return sorted(_REGISTRY)
+    from ..engine.method import known_methods
+
+    return sorted(set(_REGISTRY) | {m for m in known_methods() if m != "autoencoder"})
 
 
-def build_predictor(name: str, config: str | None = None, checkpoint: str | None = None,
-                    **kwargs) -> Predictor:
+def build_predictor(name: str | None, config: str | None = None, checkpoint: str | None = None,
+                    device: str | None = None, **kwargs) -> Predictor:
+    """A predictor by name (methods without training, e.g. ``support-copy``), or the predictor of a
+    trained run (``checkpoint``: its folder; the method and its settings come from the run)."""
     _load_builtin()
+    if checkpoint is not None:
+        if name in _REGISTRY:
+            raise ValueError(f"{name} takes no checkpoint")
+        from ..engine.runs import load_run
+
+        run = load_run(checkpoint, config=config, device=device, **kwargs)
+        if name is not None and name != run.cfg.method:
+            raise ValueError(f"--method {name} but {run.run_dir} is a {run.cfg.method!r} run")
+        return run.predictor()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        from ..engine.method import known_methods
+
+        if name in known_methods():
+            raise ValueError(f"method {name!r} is trained: give --checkpoint RUN_DIR (a train.py run folder)")
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
     return _REGISTRY[name](config=config, checkpoint=checkpoint, **kwargs)
 
 
 def _load_builtin() -> None:
-    from . import sdfsmis, support_copy  # noqa: F401  (register themselves)
+    from . import support_copy  # noqa: F401  (registers itself)

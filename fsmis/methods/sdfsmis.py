@@ -1,9 +1,16 @@
-"""The SD-FSMIS predictor: the trained model behind the one predictor interface.
+"""SD-FSMIS as a method: episodic training (:class:`SDFSMISMethod`) and the predictor behind the one
+predictor interface (:class:`SDFSMISPredictor`).
 
-Images arrive min-max normalised to [-1, 1] per volume; they are resized to the model's
-``data.image_size``, predicted with one support pass per group of ``eval.chunk_batch`` query
-slices, and the probabilities are resized back, thresholded at ``threshold_ratio`` × the chunk
-maximum and reduced to the largest 8-connected component per slice.
+Training: self-supervised (or GT-label) episodes of the fold's training cases from the
+ADNet-family sampler (:mod:`fsmis.data.episodes`), collated and resized by
+:func:`fsmis.data.batch.collate`; the loss is the model's one-step latent MSE
+(:meth:`fsmis.models.sd_fsmis.SDFSMIS.loss`). ``train.cache_latents`` encodes each training slice
+and mask once (:mod:`fsmis.engine.latent_cache`).
+
+Prediction: images arrive min-max normalised to [-1, 1] per volume; they are resized to the model's
+``data.image_size`` by the same function as in training, predicted with one support pass per group
+of ``eval.chunk_batch`` query slices, and the probabilities are resized back, thresholded at
+``threshold_ratio`` × the chunk maximum and reduced to the largest 8-connected component per slice.
 """
 from __future__ import annotations
 
@@ -11,7 +18,140 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Predictor, register
+from ..config import DataConfig
+from ..data.batch import Batch, collate, slices_to_model
+from ..engine.method import Method, register_method
+from ..models.sd_fsmis import SDFSMIS, SDFSMISConfig, parameter_counts, postprocess
+from .base import Predictor
+
+
+# -- data shared by the episodic methods ----------------------------------------------------------
+def fold_split(cfg, dataset):
+    """(fold, training cases, validation cases) of ``data.fold`` under ``data.protocol``."""
+    from ..data.folds import make_folds, split_validation
+
+    folds = make_folds(dataset.case_ids, cfg.data.protocol, cfg.data.supp_idx)
+    if not 0 <= cfg.data.fold < len(folds):
+        raise ValueError(f"data.fold={cfg.data.fold} out of range 0..{len(folds) - 1}")
+    fold = folds[cfg.data.fold]
+    train, val = split_validation(fold.train, fold.support, cfg.data.n_val)
+    return fold, train, val
+
+
+def make_sampler(cfg, dataset, train_cases, normalization: str = "minmax"):
+    from ..data.episodes import ConsecutiveSliceSampler
+
+    return ConsecutiveSliceSampler(
+        dataset, train_cases, n_shot=1, setting=cfg.data.setting, exclusion=cfg.data.exclusion,
+        labels=cfg.data.labels, min_fg_pixels=cfg.data.min_fg_pixels,
+        augment="default" if cfg.data.augment else None, normalization=normalization, seed=cfg.train.seed)
+
+
+class EpisodicMethod(Method):
+    """A method trained on episodes of one fold's training cases, validated with the canonical
+    evaluator on held-out training cases (``data.n_val``)."""
+
+    data_config = DataConfig
+    normalization = "minmax"
+
+    def setup_data(self) -> None:
+        from ..data.datasets import open_dataset
+
+        cfg = self.cfg
+        if cfg.data.root is None:
+            raise ValueError("data.root is not set (give data.root=DIR on the command line)")
+        self.dataset = open_dataset(cfg.data.root)
+        self.fold, self.train_cases, self.val_cases = fold_split(cfg, self.dataset)
+        self.sampler = make_sampler(cfg, self.dataset, self.train_cases, self.normalization)
+
+    def describe_data(self) -> list[tuple[str, str]]:
+        f = self.fold
+        return [("dataset", f"{self.dataset.name} ({len(self.dataset.case_ids)} cases) at {self.cfg.data.root}"),
+                (f"fold {f.fold}", f"support {f.support}, queries {list(f.queries)}"),
+                ("training cases", f"{list(self.train_cases)}"), ("validation cases", f"{list(self.val_cases)}")]
+
+    def episodes(self, step: int, micro: int):
+        rng = np.random.default_rng([self.cfg.train.seed, step, micro, self.rank])
+        return [self.sampler.sample(rng) for _ in range(self.cfg.train.batch_size)], rng
+
+    def validate(self) -> float | None:
+        if not self.val_cases:
+            return None
+        from ..evaluation.protocol import ProtocolConfig, evaluate
+
+        res = evaluate(self.dataset, self.predictor(), ProtocolConfig(
+            support_case=self.fold.support, query_cases=list(self.val_cases), support=self.cfg.eval.support,
+            surface_metrics=False), progress=False)
+        return res["mean_dice"]
+
+
+@register_method
+class SDFSMISMethod(EpisodicMethod):
+    name = "sdfsmis"
+    model_config = SDFSMISConfig
+
+    def build(self) -> None:
+        cfg = self.cfg
+        self.module, self.load_report = SDFSMIS.from_config(cfg.model)
+        if cfg.train.grad_checkpointing:
+            self.module.unet.enable_gradient_checkpointing()
+        self.latent_cache = None
+        if cfg.train.cache_latents:
+            if cfg.data.augment or cfg.data.shift_px:
+                raise ValueError("train.cache_latents=true needs data.augment=false and data.shift_px=0 "
+                                 f"(got data.augment={cfg.data.augment}, data.shift_px={cfg.data.shift_px}): "
+                                 "augmented or shifted slices never repeat")
+            from ..engine.latent_cache import LatentCache
+
+            self.latent_cache = LatentCache(self.module)
+
+    def parameter_counts(self) -> dict:
+        return parameter_counts(self.module)
+
+    def param_groups(self) -> list[dict]:
+        """UNet (and input convs) at ``lr``, VTCT at ``lr × vtct_lr_mult``."""
+        t = self.cfg.train
+        return [{"params": self.module.unet_parameters(), "lr": t.lr},
+                {"params": self.module.vtct_parameters(), "lr": t.lr * t.vtct_lr_mult}]
+
+    def batch(self, step: int, micro: int):
+        episodes, rng = self.episodes(step, micro)
+        batch = collate(episodes, self.cfg.data.image_size, self.cfg.data.shift_px, rng).to(self.device)
+        return batch, episodes
+
+    def loss(self, batch, generator):
+        batch, episodes = batch
+        posteriors = None
+        if self.latent_cache is not None:
+            posteriors = self.latent_cache.batch_posteriors(batch, episodes)
+        return self.module.loss(batch, generator, posteriors)
+
+    def trained_state(self) -> dict:
+        return self.module.trainable_state_dict()
+
+    def frozen_state(self) -> dict:
+        """The VAE's tensors when no file provides them (random initialisation from ``model.vae``)."""
+        if self.load_report is not None and not self.load_report.vae.pretrained:
+            return {"vae." + k: v for k, v in self.module.vae.state_dict().items()}
+        return {}
+
+    def predictor(self, checkpoint: str | None = None):
+        return SDFSMISPredictor(self.module, self.cfg, device=self.device, checkpoint=checkpoint)
+
+    @torch.no_grad()
+    def preview(self, step: int):
+        batch, _ = self.batch(step, 0)
+        pred = self.predictor().predict_batch(batch.support_images[:1], batch.support_masks[:1],
+                                              batch.query_images[:1])
+        panel = torch.cat([(batch.support_images[0, 0] + 1) / 2, batch.support_masks[0, 0],
+                           (batch.query_images[0, 0] + 1) / 2, torch.as_tensor(pred[0]).float().to(self.device),
+                           batch.query_masks[0, 0]], dim=1)
+        return panel[None].clamp(0, 1)
+
+    def finalize(self, run_dir, summary):
+        if self.latent_cache is not None:
+            summary["latent_cache"] = self.latent_cache.stats()
+        return []
 
 
 class SDFSMISPredictor(Predictor):
@@ -29,11 +169,16 @@ class SDFSMISPredictor(Predictor):
                 "image_size": self.cfg.data.image_size, "threshold_ratio": self.cfg.model.threshold_ratio,
                 "largest_component": self.cfg.model.largest_component, "config_name": self.cfg.name}
 
+    def model_inputs(self, support_images, support_masks, query_images):
+        """Numpy slices -> the tensors the model sees (resized exactly as in training)."""
+        size = self.cfg.data.image_size
+        return (slices_to_model(support_images, size, "image", self.device),
+                slices_to_model(support_masks, size, "mask", self.device),
+                slices_to_model(query_images, size, "image", self.device))
+
     @torch.no_grad()
     def predict_batch(self, s_img: torch.Tensor, s_msk: torch.Tensor, q_img: torch.Tensor) -> np.ndarray:
         """Tensors at model size: [K,1,S,S], [K,1,S,S], [Q,1,S,S] -> probabilities [Q,S,S] (numpy)."""
-        from ..models.sd_fsmis import Batch
-
         was_training = self.model.training
         self.model.eval()
         out = []
@@ -46,44 +191,12 @@ class SDFSMISPredictor(Predictor):
         return torch.cat(out).numpy()
 
     def predict(self, support_images, support_masks, query_images):
-        from ..models.sd_fsmis import postprocess
-
-        size = self.cfg.data.image_size
         h, w = query_images.shape[-2:]
-
-        def to_model(a, mode):
-            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None].to(self.device)
-            if t.shape[-2:] != (size, size):
-                t = F.interpolate(t, size=(size, size), mode=mode,
-                                  **({} if mode == "nearest" else {"align_corners": False}))
-            return t
-
-        prob = self.predict_batch(to_model(support_images, "bilinear"), to_model(support_masks, "nearest"),
-                                  to_model(query_images, "bilinear"))
+        prob = self.predict_batch(*self.model_inputs(support_images, support_masks, query_images))
         if prob.shape[-2:] != (h, w):
             prob = F.interpolate(torch.from_numpy(prob)[:, None], size=(h, w), mode="bilinear",
                                  align_corners=False)[:, 0].numpy()
         return postprocess(prob, self.cfg.model.threshold_ratio, self.cfg.model.largest_component).astype(np.uint8)
 
 
-def load_predictor(config: str, checkpoint: str, device=None, use_ema: bool | None = None) -> SDFSMISPredictor:
-    from ..config import load_config
-    from ..engine.checkpoints import load_checkpoint, load_model_state, resolve_checkpoint
-    from ..models.build import build_model
-
-    if not config or not checkpoint:
-        raise ValueError("--method sdfsmis needs --config C and --checkpoint P")
-    cfg = load_config(config)
-    model, _ = build_model(cfg.model)
-    step_dir = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(step_dir)
-    ema = state.get("ema") if (use_ema if use_ema is not None else cfg.train.ema > 0) else None
-    load_model_state(model, ema if ema is not None else state["model"], str(step_dir))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    return SDFSMISPredictor(model, cfg, device, checkpoint=str(step_dir))
-
-
-@register("sdfsmis")
-def _build(config=None, checkpoint=None, **kwargs):
-    return load_predictor(config, checkpoint, **kwargs)
+__all__ = ["SDFSMISMethod", "SDFSMISPredictor", "EpisodicMethod", "fold_split", "make_sampler"]

@@ -14,6 +14,7 @@ component per slice.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,9 +22,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.batch import Batch
 from .qe import query_enhancement
 from .sqi import install_sqi
 from .vtct import VTCT
+
+
+@dataclass
+class SDFSMISConfig:
+    """The ``model:`` section of an SD-FSMIS config (docs/sd-fsmis.md; weights: fsmis.models.weights)."""
+
+    sd_path: str | None = None  # local diffusers SD folder (unet/, vae/) or single checkpoint file
+    sd_config: str | None = None  # for a single checkpoint file: local folder with unet/ and vae/ configs
+    vae_path: str | None = None  # a separate local AutoencoderKL folder (e.g. the demo VAE)
+    unet: dict | None = None  # UNet2DConditionModel config for random initialisation (no sd_path)
+    vae: dict | None = None  # AutoencoderKL config for random initialisation
+    vtct_encoder: str = "dinov2"  # dinov2 | clip | none
+    vtct_encoder_path: str | None = None
+    vtct_hidden: int = 1536
+    vtct_depth: int = 3
+    vtct_feat_dim: int = 128  # feature size of the "none" encoder
+    scaling_factor: float | None = None  # latent scale; None: the VAE config's scaling_factor (SD: 0.18215)
+    qe_threshold: float = 0.7
+    qe_topk_ratio: float = 0.1875
+    threshold_ratio: float = 0.25
+    largest_component: bool = True
+
 
 TIMESTEP = 1
 
@@ -41,18 +65,6 @@ def expand_conv_in(conv: nn.Conv2d, in_channels: int = 8) -> nn.Conv2d:
     return new
 
 
-@dataclass
-class Batch:
-    """Tensors of one batch. Images in [-1, 1] (per-volume min-max), masks in {0, 1}."""
-
-    support_images: torch.Tensor  # [B·K, 1, H, W]
-    support_masks: torch.Tensor  # [B·K, 1, H, W]
-    query_images: torch.Tensor  # [B·Q, 1, H, W]
-    n_shot: int = 1
-    queries_per_episode: int = 1
-    query_masks: torch.Tensor | None = None  # [B·Q, 1, H, W], training only
-
-
 class SDFSMIS(nn.Module):
     def __init__(self, unet, vae, vtct: VTCT, scaling_factor: float = 0.18215,
                  qe_threshold: float = 0.7, qe_topk_ratio: float = 0.1875):
@@ -68,6 +80,12 @@ class SDFSMIS(nn.Module):
         self.scaling_factor = scaling_factor
         self.qe_threshold = qe_threshold
         self.qe_topk_ratio = qe_topk_ratio
+
+    @classmethod
+    def from_config(cls, cfg: SDFSMISConfig, dtype: torch.dtype | None = None, verify: str = "sample"):
+        """Assemble the model from its config section: -> (SDFSMIS, LoadReport). Pretrained parts load
+        strictly (fsmis.models.weights): WeightLoadError on a partial load, ConfigError without a source."""
+        return build_model(cfg, dtype, verify)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -187,3 +205,66 @@ def postprocess(prob: np.ndarray, threshold_ratio: float = 0.25, largest_compone
                 sizes = np.bincount(lab.ravel())[1:]
                 mask[i] = lab == (int(np.argmax(sizes)) + 1)
     return mask
+
+
+# -- assembly -------------------------------------------------------------------------------------
+def build_model(cfg: SDFSMISConfig, dtype: torch.dtype | None = None, verify: str = "sample"):
+    """The model section -> (SDFSMIS, LoadReport). Raises WeightLoadError when a pretrained part loads
+    partially and ConfigError when a part has no source."""
+    from ..config import ConfigError
+    from .weights import LoadReport, load_unet, load_vae, load_vtct_encoder
+    from .sqi import count_sqi_layers
+
+    report = LoadReport()
+    unet, report.unet = load_unet(cfg, dtype, verify)
+    vae, report.vae = load_vae(cfg, dtype, verify)
+    ucfg, vcfg = unet.config, vae.config
+    if vcfg.latent_channels != ucfg.in_channels or ucfg.out_channels != ucfg.in_channels:
+        raise ConfigError(f"VAE latent channels ({vcfg.latent_channels}) must equal the UNet's input and output "
+                          f"channels ({ucfg.in_channels} / {ucfg.out_channels})")
+    if vcfg.in_channels != 3:
+        raise ConfigError(f"the VAE must take 3-channel images (images and masks are repeated to 3 channels), "
+                          f"its in_channels is {vcfg.in_channels}")
+    cross = ucfg.cross_attention_dim
+    if not isinstance(cross, int):
+        raise ConfigError(f"UNet cross_attention_dim must be one integer for the VTCT token, got {cross!r}")
+    encoder, report.vtct_encoder = load_vtct_encoder(cfg)
+    vtct = VTCT(encoder, cross, cfg.vtct_hidden, cfg.vtct_depth)
+    scaling_factor = resolve_scaling_factor(cfg.scaling_factor, vcfg, report)
+    model = SDFSMIS(unet, vae, vtct, scaling_factor, cfg.qe_threshold, cfg.qe_topk_ratio)
+    counts = parameter_counts(model)
+    report.summary = {"sqi_layers": count_sqi_layers(model.unet), "cross_attention_dim": cross,
+                      "latent_channels": vcfg.latent_channels, "scaling_factor": round(scaling_factor, 6),
+                      "params_total": counts["total"],
+                      "params_trainable": counts["trainable"]}
+    return model, report
+
+
+SD_SCALING_FACTOR = 0.18215
+
+
+def resolve_scaling_factor(configured, vae_config, report=None) -> float:
+    """The latent scale: ``model.scaling_factor`` when set, else the VAE config's ``scaling_factor``
+    (SD-1.5 / SD-2.1: 0.18215; the demo VAE stores the factor that gives its latents unit
+    variance), else SD's 0.18215. A set value that differs from the VAE's is reported."""
+    vae_sf = getattr(vae_config, "scaling_factor", None)
+    if configured is None:
+        return float(vae_sf) if vae_sf is not None else SD_SCALING_FACTOR
+    if vae_sf is not None and report is not None and not math.isclose(float(vae_sf), float(configured), rel_tol=1e-6):
+        report.warnings.append(f"model.scaling_factor={configured} differs from the VAE config's "
+                               f"scaling_factor={vae_sf} ({report.vae.source}); using model.scaling_factor")
+    return float(configured)
+
+
+def parameter_counts(model) -> dict:
+    """Parameters of an SDFSMIS model: total, trainable and per component (the UNet without its
+    conv_in, which the weight surgery replaced by the two 8-channel convolutions)."""
+    def n(mod, trainable_only=False):
+        return sum(p.numel() for p in mod.parameters() if p.requires_grad or not trainable_only)
+
+    return {
+        "total": n(model), "trainable": n(model, True),
+        "unet": n(model.unet), "conv_in_support": n(model.conv_in_support), "conv_in_query": n(model.conv_in_query),
+        "vtct_mlp": n(model.vtct.mlp), "vtct_encoder": n(model.vtct.encoder),
+        "vtct_encoder_trainable": n(model.vtct.encoder, True), "vae": n(model.vae),
+    }

@@ -1,4 +1,4 @@
-"""Build SD-FSMIS from a :class:`~fsmis.config.ModelConfig` with strict, reported weight loading.
+"""Strict, reported loading of pretrained components: the one place where weight files are read.
 
 Where each part comes from (docs/sd-fsmis.md, "Weights"):
 
@@ -8,8 +8,8 @@ UNet
     ``.ckpt``/``.pt``/``.pth`` read with ``torch.load(weights_only=True)``) -> the model is built from
     ``model.sd_config/unet/config.json`` (or ``model.unet``) and the ``model.diffusion_model.*`` keys are
     converted with diffusers' own ``convert_ldm_unet_checkpoint``; no ``sd_path`` -> random
-    initialisation from ``model.unet`` (a dict of ``UNet2DConditionModel`` arguments or a preset name:
-    ``sd15``, ``sd21``, ``tiny``).
+    initialisation from ``model.unet`` (a dict of ``UNet2DConditionModel`` arguments or a preset name
+    of :mod:`fsmis.models.presets`).
 VAE
     ``model.vae_path`` (an ``AutoencoderKL`` folder, or a folder holding ``vae/``) overrides every other
     source; else as the UNet: ``vae/`` of the folder, the ``first_stage_model.*`` keys of the file
@@ -26,17 +26,11 @@ every missing / unexpected / mismatched key is listed, not just the first), by d
 ``output_loading_info``, and after loading (no tensor left on the meta device, and every tensor equal
 to the file's, counted one by one: ``from_pretrained`` with ``low_cpu_mem_usage`` leaves a missing key
 as a meta tensor and only logs a warning). ``verify="sample"`` (default) compares tensors above
-65,536 elements on 8 dim-0 slices (SD-1.5: a second or two), ``"full"`` every element, ``"keys"``
-only names, shapes and meta tensors.
-
-Presets: ``SD15_UNET``/``SD15_VAE`` (UNet 859.52 M parameters, 16 ``attn1`` layers, cross-attention
-768), ``SD21_UNET``/``SD21_VAE`` (865.91 M, cross-attention 1024), ``TINY_UNET``/``TINY_VAE`` (tests);
-``model.unet: sd15`` in a config file picks one by name. ``tools/make_random_sd.py`` writes any of
-them as a diffusers folder with random weights.
+65,536 elements on 8 dim-0 slices, ``"full"`` every element, ``"keys"`` only names, shapes and meta
+tensors.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import zipfile
@@ -46,7 +40,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError
+from .presets import PRESETS, preset
 
 RANDOM_INIT = "random init (config)"
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -54,50 +49,6 @@ LDM_VAE_PREFIXES = ("first_stage_model.", "vae.")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
-
-# ------------------------------------------------------------------------------------------------
-# Architecture presets (plain, YAML-safe dicts; use ``preset("sd15")`` for a private copy)
-# ------------------------------------------------------------------------------------------------
-
-SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
-    "flip_sin_to_cos": True, "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 768, "attention_head_dim": 8,
-}
-SD15_VAE = {
-    "sample_size": 512, "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "act_fn": "silu",
-    "norm_num_groups": 32, "scaling_factor": 0.18215,
-}
-SD21_UNET = {**SD15_UNET, "sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
-             "use_linear_projection": True}
-SD21_VAE = {**SD15_VAE, "sample_size": 768}
-TINY_UNET = {
-    "sample_size": 16, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64], "layers_per_block": 1,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 32, "attention_head_dim": 2, "norm_num_groups": 8,
-}
-TINY_VAE = {
-    "sample_size": 32, "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [16, 32],
-    "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "layers_per_block": 1, "norm_num_groups": 8,
-}
-PRESETS = {"sd15": (SD15_UNET, SD15_VAE), "sd21": (SD21_UNET, SD21_VAE), "tiny": (TINY_UNET, TINY_VAE)}
-
-
-def preset(name: str, part: str = "unet") -> dict:
-    """A deep copy of a preset: ``preset("sd15", "unet")``, ``preset("tiny", "vae")``."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown architecture preset {name!r} ({' | '.join(PRESETS)})")
-    if part not in ("unet", "vae"):
-        raise ValueError(f"part must be 'unet' or 'vae', got {part!r}")
-    return copy.deepcopy(PRESETS[name][0 if part == "unet" else 1])
-
 
 # ------------------------------------------------------------------------------------------------
 # Report
@@ -590,7 +541,7 @@ def _random_component(cls, name: str, config: dict, key: str, dtype):
 # ------------------------------------------------------------------------------------------------
 
 
-def _sd_source(cfg: ModelConfig) -> tuple[str, Path | None]:
+def _sd_source(cfg) -> tuple[str, Path | None]:
     """('folder' | 'file' | 'none', path)."""
     if not cfg.sd_path:
         return "none", None
@@ -605,7 +556,7 @@ def _sd_source(cfg: ModelConfig) -> tuple[str, Path | None]:
     raise ConfigError(f"model.sd_path {p}: no such file or folder")
 
 
-def _single_file_config(cfg: ModelConfig, part: str) -> tuple[dict, str]:
+def _single_file_config(cfg, part: str) -> tuple[dict, str]:
     """Architecture of one component of a single-file checkpoint: model.sd_config/<part>/config.json,
     else model.<part>."""
     if cfg.sd_config:
@@ -628,7 +579,7 @@ def _single_file_config(cfg: ModelConfig, part: str) -> tuple[dict, str]:
                       f"architecture), or model.{part} must give the {part} architecture")
 
 
-def _load_sd_part(cls, part: str, cfg: ModelConfig, dtype, verify: str, no_source: str):
+def _load_sd_part(cls, part: str, cfg, dtype, verify: str, no_source: str):
     """One Stable Diffusion component from ``model.sd_path`` (diffusers folder or LDM file) or,
     without one, randomly initialised from ``model.<part>``."""
     kind, path = _sd_source(cfg)
@@ -648,7 +599,7 @@ def _load_sd_part(cls, part: str, cfg: ModelConfig, dtype, verify: str, no_sourc
     return _random_component(cls, part, _config_dict(arch, part, f"model.{part}"), f"model.{part}", dtype)
 
 
-def load_unet(cfg: ModelConfig, dtype: torch.dtype | None = None, verify: str = "sample"):
+def load_unet(cfg, dtype: torch.dtype | None = None, verify: str = "sample"):
     """-> (UNet2DConditionModel, ComponentLoad). Raises WeightLoadError on a partial load,
     ConfigError when no source is given."""
     from diffusers import UNet2DConditionModel
@@ -657,7 +608,7 @@ def load_unet(cfg: ModelConfig, dtype: torch.dtype | None = None, verify: str = 
                          "model.sd_path (a local diffusers folder or an LDM checkpoint file)")
 
 
-def load_vae(cfg: ModelConfig, dtype: torch.dtype | None = None, verify: str = "sample"):
+def load_vae(cfg, dtype: torch.dtype | None = None, verify: str = "sample"):
     """-> (AutoencoderKL, ComponentLoad). model.vae_path overrides every other source."""
     from diffusers import AutoencoderKL
 
@@ -684,7 +635,7 @@ def _dinov2_weight_file(path: Path) -> str:
     return str(path)
 
 
-def load_vtct_encoder(cfg: ModelConfig):
+def load_vtct_encoder(cfg):
     """-> (encoder, ComponentLoad) via fsmis.models.vtct.build_encoder; DINOv2 loaded strictly."""
     from .vtct import build_encoder
 
@@ -741,65 +692,3 @@ def load_vtct_encoder(cfg: ModelConfig):
     row.notes.append("DINOv2 via transformers (loading info + an independent second load compared)")
     _raise_if_bad(row, shown)
     return enc, row
-
-
-def build_model(cfg: ModelConfig, dtype: torch.dtype | None = None, verify: str = "sample"):
-    """``ModelConfig`` -> (SDFSMIS, LoadReport). Raises WeightLoadError when a pretrained part loads
-    partially and ConfigError when a part has no source."""
-    from .sd_fsmis import SDFSMIS
-    from .sqi import count_sqi_layers
-    from .vtct import VTCT
-
-    report = LoadReport()
-    unet, report.unet = load_unet(cfg, dtype, verify)
-    vae, report.vae = load_vae(cfg, dtype, verify)
-    ucfg, vcfg = unet.config, vae.config
-    if vcfg.latent_channels != ucfg.in_channels or ucfg.out_channels != ucfg.in_channels:
-        raise ConfigError(f"VAE latent channels ({vcfg.latent_channels}) must equal the UNet's input and output "
-                          f"channels ({ucfg.in_channels} / {ucfg.out_channels})")
-    if vcfg.in_channels != 3:
-        raise ConfigError(f"the VAE must take 3-channel images (images and masks are repeated to 3 channels), "
-                          f"its in_channels is {vcfg.in_channels}")
-    cross = ucfg.cross_attention_dim
-    if not isinstance(cross, int):
-        raise ConfigError(f"UNet cross_attention_dim must be one integer for the VTCT token, got {cross!r}")
-    encoder, report.vtct_encoder = load_vtct_encoder(cfg)
-    vtct = VTCT(encoder, cross, cfg.vtct_hidden, cfg.vtct_depth)
-    scaling_factor = resolve_scaling_factor(cfg.scaling_factor, vcfg, report)
-    model = SDFSMIS(unet, vae, vtct, scaling_factor, cfg.qe_threshold, cfg.qe_topk_ratio)
-    counts = parameter_counts(model)
-    report.summary = {"sqi_layers": count_sqi_layers(model.unet), "cross_attention_dim": cross,
-                      "latent_channels": vcfg.latent_channels, "scaling_factor": round(scaling_factor, 6),
-                      "params_total": counts["total"],
-                      "params_trainable": counts["trainable"]}
-    return model, report
-
-
-SD_SCALING_FACTOR = 0.18215
-
-
-def resolve_scaling_factor(configured, vae_config, report=None) -> float:
-    """The latent scale: ``model.scaling_factor`` when set, else the VAE config's ``scaling_factor``
-    (SD-1.5 / SD-2.1: 0.18215; the demo VAE stores the factor that gives its latents unit
-    variance), else SD's 0.18215. A set value that differs from the VAE's is reported."""
-    vae_sf = getattr(vae_config, "scaling_factor", None)
-    if configured is None:
-        return float(vae_sf) if vae_sf is not None else SD_SCALING_FACTOR
-    if vae_sf is not None and report is not None and not math.isclose(float(vae_sf), float(configured), rel_tol=1e-6):
-        report.warnings.append(f"model.scaling_factor={configured} differs from the VAE config's "
-                               f"scaling_factor={vae_sf} ({report.vae.source}); using model.scaling_factor")
-    return float(configured)
-
-
-def parameter_counts(model) -> dict:
-    """Parameters of an SDFSMIS model: total, trainable and per component (the UNet without its
-    conv_in, which the weight surgery replaced by the two 8-channel convolutions)."""
-    def n(mod, trainable_only=False):
-        return sum(p.numel() for p in mod.parameters() if p.requires_grad or not trainable_only)
-
-    return {
-        "total": n(model), "trainable": n(model, True),
-        "unet": n(model.unet), "conv_in_support": n(model.conv_in_support), "conv_in_query": n(model.conv_in_query),
-        "vtct_mlp": n(model.vtct.mlp), "vtct_encoder": n(model.vtct.encoder),
-        "vtct_encoder_trainable": n(model.vtct.encoder, True), "vae": n(model.vae),
-    }

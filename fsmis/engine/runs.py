@@ -1,0 +1,115 @@
+"""A trained run folder, and the one way to load it (``test.py``, ``tools/predict.py``, the demo).
+
+Layout written by :class:`~fsmis.engine.trainer.Trainer`::
+
+    RUN/config.yaml            the resolved config (method, data, model, train, eval)
+    RUN/checkpoints/index.json names ``last`` and ``best``
+    RUN/checkpoints/step_<N>/  model.safetensors, optimizer.safetensors, [ema.safetensors], state.json
+    RUN/frozen.safetensors     frozen tensors no weight file provides (e.g. a randomly initialised VAE)
+    RUN/train_summary.json     written when training reached max_steps
+    RUN/tensorboard/
+
+Loading rebuilds the method from the run's own config, so a model is evaluated exactly as it was
+trained. A config given beside the run may change only evaluation settings: a model key (or
+``data.image_size``) that differs from the run's is refused, naming the keys. A frozen part that
+would be randomly initialised (no weight file and no ``frozen.safetensors``) is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError, load_config
+from . import checkpoints as ck
+from .method import method_class
+
+
+def run_folder(path: str | Path) -> Path:
+    """A run folder, its checkpoints folder or one of its step folders -> the run folder."""
+    p = Path(path)
+    for cand in (p, p.parent, p.parent.parent):
+        if (cand / "config.yaml").is_file() and (cand / "checkpoints").is_dir():
+            return cand
+    raise ck.CheckpointError(f"{p}: not a trained run (expected a folder with config.yaml and checkpoints/, "
+                             "as train.py --out writes)")
+
+
+def config_conflicts(run_cfg: Config, other: Config) -> list[str]:
+    """Model-defining settings where ``other`` differs from the run: ["model.vae_path: run 'a', config None", ...]."""
+    out = []
+    if run_cfg.method != other.method:
+        out.append(f"method: run {run_cfg.method!r}, config {other.method!r}")
+        return out
+    a, b = dataclasses.asdict(run_cfg.model), dataclasses.asdict(other.model)
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            out.append(f"model.{k}: run {a.get(k)!r}, config {b.get(k)!r}")
+    for k in ("image_size",):
+        va, vb = getattr(run_cfg.data, k, None), getattr(other.data, k, None)
+        if va != vb:
+            out.append(f"data.{k}: run {va!r}, config {vb!r}")
+    return out
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    step_dir: Path
+    cfg: Config
+    method: object  # fsmis.engine.method.Method, built and loaded
+    weights: str  # "ema" | "model"
+
+    @property
+    def step(self) -> int:
+        return int(self.step_dir.name.split("_")[-1])
+
+    def predictor(self):
+        p = self.method.predictor(checkpoint=str(self.step_dir))
+        if p is None:
+            raise ValueError(f"{self.run_dir}: method {self.cfg.method!r} does not segment (no predictor)")
+        return p
+
+
+def load_run(path: str | Path, which: str = "best", device: str | None = None, config: str | Path | None = None,
+             use_ema: bool | None = None) -> LoadedRun:
+    """Rebuild the method of a trained run and load its checkpoint (``which``: best, falling back to last).
+
+    ``config``: an optional config file; its ``eval`` section is used, and any model key that
+    differs from the run's is refused (ConfigError naming the keys)."""
+    run = run_folder(path)
+    cfg = load_config(run / "config.yaml")
+    if config is not None:
+        other = load_config(config)
+        conflicts = config_conflicts(cfg, other)
+        if conflicts:
+            raise ConfigError(f"{config} does not describe the model trained in {run}: " + "; ".join(conflicts)
+                              + f" (leave --config out to use the run's own {run / 'config.yaml'})")
+        cfg.eval = other.eval
+    step_dir = ck.resolve_checkpoint(path, which)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.train.seed)
+    method = method_class(cfg.method)(cfg, device)
+    method.build()
+    needed = method.frozen_state()
+    if needed:
+        frozen = ck.load_frozen(run)
+        if frozen is None:
+            parts = sorted({k.split(".")[0] for k in needed})
+            raise ck.CheckpointError(
+                f"{run}: the run's frozen {', '.join(parts)} would be randomly initialised: the config gives no "
+                f"weight file for it and {run / ck.FROZEN_NAME} is missing")
+        method.load_frozen_state(frozen, str(run / ck.FROZEN_NAME))
+    state = ck.load_checkpoint(step_dir)
+    want_ema = use_ema if use_ema is not None else cfg.train.ema > 0
+    if want_ema and "ema" not in state:
+        raise ck.CheckpointError(f"{step_dir}: EMA weights requested but ema.safetensors is missing")
+    weights = "ema" if want_ema else "model"
+    method.load_trained_state(state[weights], str(step_dir))
+    method.module.to(device).eval()
+    return LoadedRun(run, step_dir, cfg, method, weights)
+
+
+__all__ = ["LoadedRun", "load_run", "run_folder", "config_conflicts"]
