@@ -18,71 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import DataConfig
 from ..data.batch import Batch, collate, slices_to_model
-from ..engine.method import Method, register_method
+from ..engine.method import register_method
 from ..models.sd_fsmis import SDFSMIS, SDFSMISConfig, parameter_counts, postprocess
 from .base import Predictor
-
-
-# -- data shared by the episodic methods ----------------------------------------------------------
-def fold_split(cfg, dataset):
-    """(fold, training cases, validation cases) of ``data.fold`` under ``data.protocol``."""
-    from ..data.folds import make_folds, split_validation
-
-    folds = make_folds(dataset.case_ids, cfg.data.protocol, cfg.data.supp_idx)
-    if not 0 <= cfg.data.fold < len(folds):
-        raise ValueError(f"data.fold={cfg.data.fold} out of range 0..{len(folds) - 1}")
-    fold = folds[cfg.data.fold]
-    train, val = split_validation(fold.train, fold.support, cfg.data.n_val)
-    return fold, train, val
-
-
-def make_sampler(cfg, dataset, train_cases, normalization: str = "minmax"):
-    from ..data.episodes import ConsecutiveSliceSampler
-
-    return ConsecutiveSliceSampler(
-        dataset, train_cases, n_shot=1, setting=cfg.data.setting, exclusion=cfg.data.exclusion,
-        labels=cfg.data.labels, min_fg_pixels=cfg.data.min_fg_pixels,
-        augment="default" if cfg.data.augment else None, normalization=normalization, seed=cfg.train.seed)
-
-
-class EpisodicMethod(Method):
-    """A method trained on episodes of one fold's training cases, validated with the canonical
-    evaluator on held-out training cases (``data.n_val``)."""
-
-    data_config = DataConfig
-    normalization = "minmax"
-
-    def setup_data(self) -> None:
-        from ..data.datasets import open_dataset
-
-        cfg = self.cfg
-        if cfg.data.root is None:
-            raise ValueError("data.root is not set (give data.root=DIR on the command line)")
-        self.dataset = open_dataset(cfg.data.root)
-        self.fold, self.train_cases, self.val_cases = fold_split(cfg, self.dataset)
-        self.sampler = make_sampler(cfg, self.dataset, self.train_cases, self.normalization)
-
-    def describe_data(self) -> list[tuple[str, str]]:
-        f = self.fold
-        return [("dataset", f"{self.dataset.name} ({len(self.dataset.case_ids)} cases) at {self.cfg.data.root}"),
-                (f"fold {f.fold}", f"support {f.support}, queries {list(f.queries)}"),
-                ("training cases", f"{list(self.train_cases)}"), ("validation cases", f"{list(self.val_cases)}")]
-
-    def episodes(self, step: int, micro: int):
-        rng = np.random.default_rng([self.cfg.train.seed, step, micro, self.rank])
-        return [self.sampler.sample(rng) for _ in range(self.cfg.train.batch_size)], rng
-
-    def validate(self) -> float | None:
-        if not self.val_cases:
-            return None
-        from ..evaluation.protocol import ProtocolConfig, evaluate
-
-        res = evaluate(self.dataset, self.predictor(), ProtocolConfig(
-            support_case=self.fold.support, query_cases=list(self.val_cases), support=self.cfg.eval.support,
-            surface_metrics=False), progress=False)
-        return res["mean_dice"]
+from .episodic import EpisodicMethod
 
 
 @register_method
@@ -199,4 +139,4 @@ class SDFSMISPredictor(Predictor):
         return postprocess(prob, self.cfg.model.threshold_ratio, self.cfg.model.largest_component).astype(np.uint8)
 
 
-__all__ = ["SDFSMISMethod", "SDFSMISPredictor", "EpisodicMethod", "fold_split", "make_sampler"]
+__all__ = ["SDFSMISMethod", "SDFSMISPredictor"]

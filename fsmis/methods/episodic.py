@@ -1,0 +1,70 @@
+"""What the episodic methods share: the fold's training and validation cases, the episode sampler,
+the per-step episode stream and validation with the canonical evaluator."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import DataConfig
+from ..engine.method import Method
+
+
+def fold_split(cfg, dataset):
+    """(fold, training cases, validation cases) of ``data.fold`` under ``data.protocol``."""
+    from ..data.folds import make_folds, split_validation
+
+    folds = make_folds(dataset.case_ids, cfg.data.protocol, cfg.data.supp_idx)
+    if not 0 <= cfg.data.fold < len(folds):
+        raise ValueError(f"data.fold={cfg.data.fold} out of range 0..{len(folds) - 1}")
+    fold = folds[cfg.data.fold]
+    train, val = split_validation(fold.train, fold.support, cfg.data.n_val)
+    return fold, train, val
+
+
+def make_sampler(cfg, dataset, train_cases, normalization: str = "minmax"):
+    from ..data.episodes import ConsecutiveSliceSampler
+
+    return ConsecutiveSliceSampler(
+        dataset, train_cases, n_shot=1, setting=cfg.data.setting, exclusion=cfg.data.exclusion,
+        labels=cfg.data.labels, min_fg_pixels=cfg.data.min_fg_pixels,
+        augment="default" if cfg.data.augment else None, normalization=normalization, seed=cfg.train.seed)
+
+
+class EpisodicMethod(Method):
+    """A method trained on episodes of one fold's training cases, validated with the canonical
+    evaluator on held-out training cases (``data.n_val``)."""
+
+    data_config = DataConfig
+    normalization = "minmax"
+
+    def setup_data(self) -> None:
+        from ..data.datasets import open_dataset
+
+        cfg = self.cfg
+        if cfg.data.root is None:
+            raise ValueError("data.root is not set (give data.root=DIR on the command line)")
+        self.dataset = open_dataset(cfg.data.root)
+        self.fold, self.train_cases, self.val_cases = fold_split(cfg, self.dataset)
+        self.sampler = make_sampler(cfg, self.dataset, self.train_cases, self.normalization)
+
+    def describe_data(self) -> list[tuple[str, str]]:
+        f = self.fold
+        return [("dataset", f"{self.dataset.name} ({len(self.dataset.case_ids)} cases) at {self.cfg.data.root}"),
+                (f"fold {f.fold}", f"support {f.support}, queries {list(f.queries)}"),
+                ("training cases", f"{list(self.train_cases)}"), ("validation cases", f"{list(self.val_cases)}")]
+
+    def episodes(self, step: int, micro: int):
+        rng = np.random.default_rng([self.cfg.train.seed, step, micro, self.rank])
+        return [self.sampler.sample(rng) for _ in range(self.cfg.train.batch_size)], rng
+
+    def validate(self) -> float | None:
+        if not self.val_cases:
+            return None
+        from ..evaluation.protocol import ProtocolConfig, evaluate
+
+        res = evaluate(self.dataset, self.predictor(), ProtocolConfig(
+            support_case=self.fold.support, query_cases=list(self.val_cases), support=self.cfg.eval.support,
+            surface_metrics=False), progress=False)
+        return res["mean_dice"]
+
+
+__all__ = ["EpisodicMethod", "fold_split", "make_sampler"]
