@@ -47,8 +47,10 @@ def parse_slices(text: str | None, n: int) -> tuple[int, int]:
 
 def predict_scan(predictor: Predictor, support_image: str | Path, support_label: str | Path,
                  label_id: int, query_image: str | Path, out: str | Path | None = None,
-                 query_slices: str | None = None, n_part: int = 3, out_value: int | None = None
-                 ) -> ScanPrediction:
+                 query_slices: str | None = None, n_part: int = 3, out_value: int | None = None,
+                 match_spacing: bool = True) -> ScanPrediction:
+    """``match_spacing``: resample the query in-plane to the support's pixel spacing (default); False
+    keeps both grids as stored, as the benchmark evaluator does (same in-plane size, or crop / pad)."""
     sup = load_volume(support_image)
     sup_lab = load_volume(support_label, role="label")
     check_pair(sup, sup_lab)
@@ -68,8 +70,8 @@ def predict_scan(predictor: Predictor, support_image: str | Path, support_label:
     loaded = np.sort(nz - 1 - stored if flipped else stored)
 
     # in-plane: resample to the support's spacing, then centre crop / pad to its size
-    rh = max(1, int(round(qh * qry.spacing[1] / sup.spacing[1])))
-    rw = max(1, int(round(qw * qry.spacing[2] / sup.spacing[2])))
+    rh = max(1, int(round(qh * qry.spacing[1] / sup.spacing[1]))) if match_spacing else qh
+    rw = max(1, int(round(qw * qry.spacing[2] / sup.spacing[2]))) if match_spacing else qw
     q_arr = qry.array if (rh, rw) == (qh, qw) else resize_image(qry.array, (rh, rw))
     q_arr, offset = crop_or_pad(q_arr, (sh, sw), fill=float(qry.array.min()))
 

@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--query-image", required=True, help="scan to segment (NIfTI)")
     p.add_argument("--query-slices", help="Z0:Z1, stored slice range of the query to segment (default: all)")
     p.add_argument("--n-part", type=int, default=3, help="EP1 parts: query slices split into this many chunks (default 3)")
+    p.add_argument("--as-stored", action="store_true",
+                   help="keep the query's in-plane pixel spacing (no resampling to the support's), as the "
+                        "benchmark evaluator does; default: resample to the support's spacing")
     p.add_argument("--out-value", type=int, help="value written for the structure (default: --label)")
     p.add_argument("--out", required=True, help="output mask (NIfTI)")
     args = p.parse_args(argv)
@@ -54,7 +57,8 @@ def main(argv=None) -> int:
         predictor = build_predictor(args.method, config=args.config, checkpoint=args.checkpoint)
         print(f"{predictor.name}: label {args.label} of {args.support_image} -> {args.query_image}")
         res = predict_scan(predictor, args.support_image, args.support_label, args.label,
-                           args.query_image, args.out, args.query_slices, args.n_part, args.out_value)
+                           args.query_image, args.out, args.query_slices, args.n_part, args.out_value,
+                           match_spacing=not args.as_stored)
     except (DataError, ValueError, ConfigError, CheckpointError, WeightLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -133,14 +133,20 @@ def load_checkpoint(step_dir: str | Path) -> dict:
     if not state_file.is_file():
         raise CheckpointError(f"{state_file}: missing")
     try:
-        out = {"state": json.loads(state_file.read_text()),
-               "model": load_file(str(step_dir / "model.safetensors"))}
-        if (step_dir / "optimizer.safetensors").is_file():
-            out["optimizer"] = load_file(str(step_dir / "optimizer.safetensors"))
-        if (step_dir / "ema.safetensors").is_file():
-            out["ema"] = load_file(str(step_dir / "ema.safetensors"))
+        out = {"state": json.loads(state_file.read_text(encoding="utf-8"))}
     except Exception as exc:
-        raise CheckpointError(f"{step_dir}: cannot read checkpoint ({exc})") from exc
+        raise CheckpointError(f"{state_file}: cannot read ({exc})") from exc
+    for key, name, required in (("model", "model.safetensors", True), ("optimizer", "optimizer.safetensors", False),
+                                ("ema", "ema.safetensors", False)):
+        f = step_dir / name
+        if not f.is_file():
+            if required:
+                raise CheckpointError(f"{f}: missing")
+            continue
+        try:
+            out[key] = load_file(str(f))
+        except Exception as exc:
+            raise CheckpointError(f"{f}: cannot read the checkpoint file (truncated or corrupt?): {exc}") from exc
     return out
 
 
