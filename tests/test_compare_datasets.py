@@ -1,4 +1,4 @@
-"""tools/compare_datasets.py and fsmis.data.prepare_compare: two prepared folders, case by case."""
+"""tools/compare_datasets.py and fsmis.data.prepare.compare: two prepared folders, case by case."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import pytest
 
 from _volumes import read_ijk, relayout, write_raw_nifti
 from fsmis.data import prepare as prep
-from fsmis.data.prepare_compare import compare_datasets, format_comparison
+from fsmis.data.prepare.compare import compare_datasets, format_comparison
 from test_prepare import make_chaos_patient, make_cmr_raw
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,6 +20,7 @@ from _volumes import affine_from_codes, oblique_affine, read_ijk, read_zyx, worl
 from fsmis.data import prepare as prep
 from fsmis.data.datasets import BENCHMARKS, open_dataset
 from fsmis.data.nifti import DataError
+from fsmis.data.prepare import common as prep_common  # where the writing looks its helpers up
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -443,7 +444,7 @@ def test_rerun_skips_finished_cases(tmp_path, monkeypatch):
     before = _mtimes(out)
     calls = []
     real = prep.prepare_case
-    monkeypatch.setattr(prep, "prepare_case", lambda recipe, rc, *a, **k: calls.append(rc.case_id) or real(recipe, rc, *a, **k))
+    monkeypatch.setattr(prep_common, "prepare_case", lambda recipe, rc, *a, **k: calls.append(rc.case_id) or real(recipe, rc, *a, **k))
     plan = prep.plan_preparation("cmr", raw, out)
     assert plan.done == ["1"] and [rc.case_id for rc in plan.todo()] == ["2"]
     prep.prepare_dataset(plan, progress=False)
@@ -459,14 +460,14 @@ def test_rerun_skips_finished_cases(tmp_path, monkeypatch):
 def test_interrupted_case_leaves_nothing_half_written(tmp_path, monkeypatch):
     raw = make_cmr_raw(tmp_path / "raw", patients=(1, 2), unlabelled=())
     out = tmp_path / "CMR"
-    real_save = prep.atomic_save_nifti
+    real_save = prep_common.atomic_save_nifti
 
     def crash_on_second_image(data, affine, path, *a, **k):
         if Path(path).name == "image_2.nii.gz":
             raise KeyboardInterrupt  # Ctrl-C while case 2 is written (its label is already there)
         return real_save(data, affine, path, *a, **k)
 
-    monkeypatch.setattr(prep, "atomic_save_nifti", crash_on_second_image)
+    monkeypatch.setattr(prep_common, "atomic_save_nifti", crash_on_second_image)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare_dataset("cmr", raw, out, progress=False)
     inner = out / "cmr_MR_normalized"
@@ -474,7 +475,7 @@ def test_interrupted_case_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert not [n for n in left if "_2.nii.gz" in n or ".tmp-" in n], left
     assert (inner / "image_1.nii.gz").exists() and (out / "supervoxels_1000/superpix-MIDDLE_1.nii.gz").exists()
     assert open_dataset(out).case_ids == ["1"]
-    monkeypatch.setattr(prep, "atomic_save_nifti", real_save)
+    monkeypatch.setattr(prep_common, "atomic_save_nifti", real_save)
     plan = prep.plan_preparation("cmr", raw, out)
     assert plan.done == ["1"]
     prep.prepare_dataset(plan, progress=False)

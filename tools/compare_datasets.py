@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from fsmis.atomic import atomic_write_json
     from fsmis.data.nifti import DataError
-    from fsmis.data.prepare_compare import compare_datasets, format_comparison
+    from fsmis.data.prepare.compare import compare_datasets, format_comparison
 
     print(f"comparing A = {args.a} with B = {args.b}", flush=True)
     try:

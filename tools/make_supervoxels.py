@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from fsmis.data.supervoxels import (available_cpus, make_dataset_supervoxels,
-                                        plan_dataset_supervoxels)
+    from fsmis.data.supervoxels import make_dataset_supervoxels, plan_dataset_supervoxels
+    from fsmis.parallel import worker_count
 
     connectivity = args.connectivity or (6 if args.fast else 26)
     per_slice = not args.fast
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                   + (" (the published behaviour)" if published
                      else " (deviation: does not reproduce the published supervoxels)"))
         todo = len(plan.case_ids) if args.overwrite else len(plan.case_ids) - len(plan.existing)
-        workers = min(args.workers or available_cpus(), max(1, todo))
+        workers = worker_count(args.workers, todo)
         print(f"  {todo} case(s) to compute" + (" (--overwrite)" if args.overwrite else "")
               + (f", {workers} worker(s)" if todo else ""), flush=True)
         t0 = time.perf_counter()

@@ -1,41 +1,27 @@
 """Unsupervised supervoxels / superpixels for self-supervised episodes (protocol §4).
 
-Nothing here needs a compile step: the graph segmentation runs in numba (JIT at first use, a
-few seconds once per process), everything else is numpy / scipy / scikit-image.
+No compile step: the graph segmentation runs in numba (JIT at first use), the rest is numpy /
+scipy / scikit-image.
 
-Two pseudo-label families:
+* :func:`supervoxels_3d`: the ADNet-family 3D supervoxels (``supervoxels_<min_size>/``).
+* :func:`superpixels_2d`: the SSL-ALPNet 2D superpixels, slice by slice.
+* :func:`make_dataset_supervoxels`: either, for every case of a dataset folder
+  (``tools/make_supervoxels.py`` is its command line).
 
-* :func:`supervoxels_3d`: the ADNet-family 3D supervoxels (``superpix-MIDDLE_<id>.nii.gz`` in
-  ``supervoxels_<min_size>/``): Felzenszwalb & Huttenlocher on the 3D voxel grid with the
-  voxel spacing in the edge weights, scale 1, sigma 0, min_size 5000 (abdomen) / 1000 (CMR),
-  then everything outside the body mask set to 0.
-* :func:`superpixels_2d`: the SSL-ALPNet 2D superpixels: scikit-image ``felzenszwalb`` on
-  every slice (min_size 400, sigma 1, scale 1), superpixels outside the body dropped.
-
-:func:`make_dataset_supervoxels` writes either for every case of a dataset folder (cases in
-parallel, ``workers``); ``tools/make_supervoxels.py`` is its command line.
-
-Defaults and deviations (3D). The defaults are the published behaviour: a 26-connected voxel
-graph (``connectivity=26``) and a body mask made of the largest 2D component of every slice
-(``body_per_slice=True``), as the ADNet script. Measured against the 35 published Card-MRI
-``supervoxels_1000`` files, the defaults give identical body masks, the same number of
-supervoxels on 21 of 35 cases and an adjusted Rand index of 0.946-1.000 per case (what
-remains: the order of equal-weight edges and the id numbering). The only switchable
-deviation is a speed-up, off by default: ``connectivity=6, body_per_slice=False`` (a
-6-connected graph and the largest 3D component as body mask; ``--fast`` on the command line)
-is about 3-4x faster but does NOT reproduce the published supervoxels (ARI 0.71-0.89 against
-them). Always on, and harmless: ids are consecutive ``1..n`` (ADNet leaves gaps).
+The 3D defaults reproduce the published files (26-connected graph, per-slice body mask);
+``connectivity=6, body_per_slice=False`` (``--fast``) is a faster deviation that does not.
+How close and how fast: ``docs/measurements/supervoxels.md``.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numba
 import numpy as np
 from scipy import ndimage as ndi
+
+from ..parallel import available_cpus, map_cases
 
 __all__ = [
     "felzenszwalb_3d",
@@ -88,14 +74,13 @@ def _fill_edges(vol, dz, dy, dx, factors, bounds, shift, w, p):
 
 @numba.njit(cache=False, nogil=True)
 def _radix_sort_pairs(keys, vals):
-    """Stable sort of non-negative int64 ``keys`` carrying ``vals`` (LSD radix sort).
+    """Stable LSD radix sort of non-negative int64 ``keys`` carrying ``vals``; returns both sorted.
 
-    For non-negative float64 weights, ``w.view(np.int64)`` orders exactly as the floats, so this
-    is ``np.argsort(w, kind="stable")`` (about 3x faster here). Keys are offset so that only the
-    bits that vary are sorted (zero stays 0, nonzero keys map to ``1..``), in passes of at most
-    12 bits; a pass whose digit is the same for every key is skipped. Both inputs are used as
-    buffers; returns ``(sorted keys, vals in the same order)``.
+    On ``w.view(np.int64)`` of non-negative float64 weights this is ``np.argsort(w,
+    kind="stable")``, faster (docs/measurements/supervoxels.md). Both inputs are used as buffers.
     """
+    # Keys are offset so that only the bits that vary are sorted (zero stays 0, nonzero keys map
+    # to 1..), in passes of at most 12 bits; a pass whose digit is the same for every key is skipped.
     n = keys.shape[0]
     if n < 2:
         return keys, vals
@@ -168,14 +153,13 @@ def _felzenszwalb_kernel(sorted_w, edges, shift, delta, n, k, min_size):
     """Felzenszwalb & Huttenlocher merging over edges sorted by weight; int32 labels [n].
 
     ``sorted_w``: the weights in processing order; ``edges``: their payloads (consumed).
-    Two exact short cuts (the result is the plain two-pass algorithm's):
-
-    * pass 1 stops at the first weight ``w >= max(merged weights, 0) + k``: every threshold
-      ``Int(C) + k/|C|`` is at most that (``Int(C)`` is a merged weight), so neither this edge
-      nor any later one can merge; the edges it rejected before are kept (in order) for pass 2;
-    * pass 2 (min_size) visits only edges not yet inside one segment (pass-1 rejects, then all
-      edges after the stop) and stops once no segment is smaller than ``min_size``.
     """
+    # Two exact short cuts (the result is the plain two-pass algorithm's):
+    # * pass 1 stops at the first weight w >= max(merged weights, 0) + k: every threshold
+    #   Int(C) + k/|C| is at most that (Int(C) is a merged weight), so neither this edge nor any
+    #   later one can merge; the edges it rejected before are kept (in order) for pass 2;
+    # * pass 2 (min_size) visits only edges not yet inside one segment (pass-1 rejects, then all
+    #   edges after the stop) and stops once no segment is smaller than min_size.
     node = np.empty((n, 2), np.int32)  # parent and size side by side: one cache line per root
     for v in range(n):
         node[v, 0] = v
@@ -264,11 +248,8 @@ _INT32_PAYLOAD_BITS = 31
 
 
 def _edge_factor(offset, spacing_zyx) -> float:
-    """Spacing factor of an edge direction: ``|offset * spacing| / (|offset| * d_ref)``.
-
-    ``d_ref = sqrt(spacing_y * spacing_x)`` (the in-plane spacing), so in-plane axis edges of an
-    in-plane isotropic volume have factor 1 and z edges ``spacing_z / spacing_xy``.
-    """
+    """Spacing factor of an edge direction: ``|offset * spacing| / (|offset| * d_ref)``,
+    ``d_ref = sqrt(spacing_y * spacing_x)`` (in-plane isotropic: in-plane edges 1, z edges dz / dxy)."""
     off = np.asarray(offset, float)
     sp = np.asarray(spacing_zyx, float)
     d_ref = float(np.sqrt(sp[1] * sp[2]))
@@ -284,43 +265,34 @@ def felzenszwalb_3d(
     *,
     connectivity: int = 26,
 ) -> np.ndarray:
-    """Felzenszwalb & Huttenlocher graph segmentation of a 3D volume (numba, no compile step).
+    """Felzenszwalb & Huttenlocher graph segmentation of a 3D volume, voxel spacing in the edge weights.
 
-    Graph: one node per voxel; edges between 26-connected neighbours (``connectivity=26``,
-    default: the neighbourhood of the ADNet Cython kernel, needed to reproduce the published
-    supervoxels) or, opt-in, 6-connected neighbours (``connectivity=6``: about a quarter of
-    the edges, 3-4x faster, different segments).
-
-    Edge weight (the choice made here, after the ADNet ``felzenszwalb_3d`` kernel, a modified
-    scikit-image ``_felzenszwalb_cy``)::
-
-        w(a, b) = |I_a - I_b| * |o * spacing| / (|o| * d_ref),   d_ref = sqrt(spacing_y * spacing_x)
-
-    where ``o`` is the voxel offset from ``a`` to ``b``. For the 6-neighbourhood this is
-    ``|I_a - I_b| * spacing_axis / d_ref``: on the usual in-plane-isotropic volumes in-plane
-    edges keep weight ``|I_a - I_b|`` and through-plane edges get ``|I_a - I_b| * dz / dxy``.
-    ADNet uses ``s = spacing[0] / spacing[1]`` (z over in-plane) and multiplies z-edge costs by
-    ``s`` and in-plane costs by 1 (diagonals by the same length ratio as the formula above), so
-    for in-plane-isotropic spacing the weights are identical to theirs; ``d_ref`` generalises
-    their single in-plane spacing to ``dy != dx``. Larger spacing along an axis makes edges
-    along it more expensive: they are merged later, so segments extend less along that axis
-    (for thick-slice MRI: flatter supervoxels, growing in-plane first).
-
-    Merging criterion and ``scale`` are scikit-image's: ``k = scale / 255`` in the intensity
-    units of the input (scikit-image's "behave like the reference implementation" rescaling);
-    an edge joins two segments when ``w < min(Int(C1) + k/|C1|, Int(C2) + k/|C2|)``. Then
-    one pass over the edges in the same order merges any segment smaller than ``min_size``
-    with its neighbour (so no segment is smaller than ``min_size`` unless the whole connected
-    volume is). Edge order: float64 weights, enumerated direction by direction (each in C
-    order), stably sorted (ties keep the enumeration order), i.e. ``np.argsort(w,
-    kind="stable")``, computed by an exact radix sort; results are deterministic.
-
-    ``sigma`` > 0: Gaussian pre-smoothing ``scipy.ndimage.gaussian_filter(sigma / spacing)``,
-    i.e. ``sigma`` is in the units of ``spacing_zyx`` (mm when spacing is in mm), as in ADNet.
-
-    Returns int32 labels ``0..n-1`` of the volume's shape, numbered in raster (z, y, x) order
-    of each segment's first voxel.
+    ``connectivity=26`` (default, the ADNet kernel's neighbourhood) is needed to reproduce the
+    published supervoxels; ``6`` is faster and gives other segments. ``scale`` and the merging
+    criterion are scikit-image's (``k = scale / 255``); no segment is smaller than ``min_size``
+    unless its connected volume is. ``sigma`` > 0: Gaussian pre-smoothing, in the units of
+    ``spacing_zyx``. Deterministic. Returns int32 labels ``0..n-1``, numbered in raster
+    (z, y, x) order of each segment's first voxel.
     """
+    # Edge weight (after the ADNet felzenszwalb_3d kernel, a modified scikit-image
+    # _felzenszwalb_cy), o the voxel offset from a to b:
+    #     w(a, b) = |I_a - I_b| * |o * spacing| / (|o| * d_ref),   d_ref = sqrt(spacing_y * spacing_x)
+    # For the 6-neighbourhood this is |I_a - I_b| * spacing_axis / d_ref: on the usual
+    # in-plane-isotropic volumes in-plane edges keep weight |I_a - I_b| and through-plane edges
+    # get |I_a - I_b| * dz / dxy. ADNet uses s = spacing[0] / spacing[1] (z over in-plane) and
+    # multiplies z-edge costs by s and in-plane costs by 1 (diagonals by the same length ratio as
+    # the formula above), so for in-plane-isotropic spacing the weights are identical to theirs;
+    # d_ref generalises their single in-plane spacing to dy != dx. Larger spacing along an axis
+    # makes edges along it more expensive: they are merged later, so segments extend less along
+    # that axis (for thick-slice MRI: flatter supervoxels, growing in-plane first).
+    #
+    # Merging: k = scale / 255 in the intensity units of the input (scikit-image's "behave like
+    # the reference implementation" rescaling); an edge joins two segments when
+    # w < min(Int(C1) + k/|C1|, Int(C2) + k/|C2|). Then one pass over the edges in the same order
+    # merges any segment smaller than min_size with its neighbour. Edge order: float64 weights,
+    # enumerated direction by direction (each in C order), stably sorted (ties keep the
+    # enumeration order), i.e. np.argsort(w, kind="stable"), computed by an exact radix sort.
+    # sigma: scipy.ndimage.gaussian_filter(sigma / spacing), as in ADNet.
     vol = np.asarray(volume_zyx, dtype=np.float64)
     if vol.ndim != 3:
         raise ValueError(f"felzenszwalb_3d expects a 3D [Z, Y, X] volume, got shape {vol.shape}")
@@ -386,13 +358,11 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def body_mask(volume_zyx: np.ndarray, threshold: float = 10, *, per_slice: bool = True) -> np.ndarray:
-    """Body (foreground) mask: bool [Z, Y, X].
+    """Body (foreground) mask, bool [Z, Y, X]: the volume rescaled to 0-255, ``> threshold``.
 
-    The volume is rescaled to 0-255 by its own min/max and thresholded (``> threshold``).
-    ``per_slice=True`` (default, as the SSL-ALPNet / ADNet scripts): the largest 2D component
-    (8-connectivity) of every slice, holes filled. ``per_slice=False`` (opt-in): the largest 3D
-    connected component (26-connectivity), holes filled slice by slice; it drops any part of
-    the foreground not 3D-connected to the largest one. An empty threshold gives an empty mask.
+    ``per_slice=True`` (default, as the SSL-ALPNet / ADNet scripts): the largest 2D component of
+    every slice, holes filled. ``per_slice=False``: the largest 3D component, holes filled slice
+    by slice (drops foreground not 3D-connected to it).
     """
     vol = rescale_255(volume_zyx)
     if vol.ndim != 3:
@@ -440,22 +410,10 @@ def supervoxels_3d(
 ) -> np.ndarray:
     """ADNet-family 3D supervoxels (what ``supervoxels_<n>/superpix-MIDDLE_<id>.nii.gz`` holds).
 
-    The volume is rescaled to 0-255 (per volume min/max), segmented by :func:`felzenszwalb_3d`
-    (spacing-weighted edges, ``k = scale/255`` on the 0-255 intensities, as ADNet), voxels
-    outside :func:`body_mask` (threshold ``body_threshold`` on the 0-255 volume) are set to 0
-    and the supervoxels are renumbered ``1..n`` inside the body (raster order of their first
-    body voxel; supervoxels with no body voxel are dropped). Returns int32 [Z, Y, X].
-
-    Defaults reproduce the published ADNet-family files: ``connectivity=26`` (26-connected
-    voxel graph) and ``body_per_slice=True`` (body = largest 2D component of each slice, holes
-    filled), as the ADNet script. On the 35 published Card-MRI ``supervoxels_1000`` files:
-    identical body masks, the same supervoxel count on 21/35 cases, ARI 0.946-1.000 (left:
-    the order of equal-weight edges and the id numbering: ids here are consecutive, ADNet
-    leaves gaps).
-
-    Opt-in speed-up (a deviation): ``connectivity=6, body_per_slice=False`` (6-connected graph,
-    largest 3D component as body mask) is about 3-4x faster but does not reproduce the
-    published supervoxels (ARI 0.71-0.89 against them).
+    :func:`felzenszwalb_3d` on the volume rescaled to 0-255, 0 outside :func:`body_mask`, ids
+    renumbered ``1..n`` inside the body (ADNet leaves gaps). Returns int32 [Z, Y, X]. The
+    defaults reproduce the published files; ``connectivity=6, body_per_slice=False`` is a faster
+    deviation that does not (docs/measurements/supervoxels.md).
     """
     vol = rescale_255(volume_zyx)
     seg = felzenszwalb_3d(vol, spacing_zyx, scale=scale, sigma=sigma, min_size=min_size,
@@ -472,19 +430,12 @@ def superpixels_2d(
     scale: float = 1.0,
     body_threshold: float = 10,
 ) -> np.ndarray:
-    """SSL-ALPNet 2D superpixels: ``skimage.segmentation.felzenszwalb`` on every slice.
+    """SSL-ALPNet 2D superpixels: ``skimage.segmentation.felzenszwalb`` on every slice of the
+    0-255 rescaled volume, 0 outside the per-slice :func:`body_mask`. Returns int32 [Z, Y, X].
 
-    Each slice of the 0-255 rescaled volume (per volume min/max) is segmented with
-    ``felzenszwalb(slice, scale, sigma, min_size)``; pixels outside the per-slice body mask
-    (threshold ``body_threshold`` on the 0-255 volume, largest 2D component, holes filled;
-    SSL-ALPNet used 1e-4 on MR intensities and 50 on the 0-255 CT) are set to 0 and
-    superpixels with no body pixel are dropped.
-
-    Ids are GLOBAL: unique over the whole volume (slice 0 gets ``1..n0``, slice 1
-    ``n0+1..n0+n1``, ...; raster order of the first body pixel within a slice), so the 3D array
-    is a well-defined label map and no id spans two slices. SSL-ALPNet numbered them ``1..n``
-    per slice; loaders that work slice by slice see the same segments either way.
-    Returns int32 [Z, Y, X].
+    Ids are unique over the whole volume (slice 0 ``1..n0``, slice 1 ``n0+1..``), so no id spans
+    two slices; SSL-ALPNet numbered ``1..n`` per slice, the same segments for slice-wise loaders.
+    SSL-ALPNet's body threshold was 1e-4 on MR intensities and 50 on the 0-255 CT.
     """
     from skimage.segmentation import felzenszwalb
 
@@ -563,14 +514,6 @@ def plan_dataset_supervoxels(data_dir, mode: str = "3d", min_size: int | None = 
     return SupervoxelPlan(ds, mode, min_size, float(sigma), float(scale), out_dir, ids, existing)
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 def _write_case(image_path: Path, out_path: Path, mode: str, params: dict) -> None:
     """Load one image, segment it, write ``out_path`` atomically; errors name the image file."""
     from .nifti import DataError, load_volume, save_like
@@ -605,24 +548,14 @@ def make_dataset_supervoxels(
 ) -> Path:
     """Write supervoxels (``mode="3d"``) or superpixels (``"2d"``) for every case of a dataset.
 
-    ``data_dir``: a published benchmark folder (``CMR/`` or ``CMR/cmr_MR_normalized/``, ...)
-    or a folder with ``dataset.json`` (resolved by :func:`fsmis.data.datasets.open_dataset`).
-    Output: ``superpix-MIDDLE_<id>.nii.gz`` (int32, on each image's own stored grid and affine)
-    in ``supervoxels_<min_size>/`` (3D) or ``superpixels_<min_size>/`` (2D), placed beside the
-    ``*_normalized`` folder for the published benchmark layout and inside the folder for a
-    ``dataset.json`` folder. Defaults: 3D min_size 5000 (1000 for CMR), sigma 0; 2D min_size
-    400, sigma 1. Cases whose output exists are skipped unless ``overwrite``. Each file is
-    written atomically (temporary file, then rename). Returns the output folder.
-
-    ``connectivity`` / ``body_per_slice`` (3D only; 2D superpixels always use the per-slice
-    body mask): see :func:`supervoxels_3d`. The defaults (26, True) reproduce the published
-    supervoxels; ``connectivity=6, body_per_slice=False`` is the opt-in faster deviation.
-
-    ``workers``: cases computed at the same time, in threads (the numba kernels release the
-    GIL); default ``min(available CPUs, cases to compute)``. The output does not depend on it.
-    Memory: about 0.35 kB per voxel per worker with 26-connectivity (0.9 GB for 40x256x256).
-    An error stops the run (cases not started are not computed; files already written stay)
-    and is raised as :class:`fsmis.data.nifti.DataError` naming the image file.
+    ``data_dir``: any folder :func:`fsmis.data.datasets.open_dataset` accepts. Writes
+    ``superpix-MIDDLE_<id>.nii.gz`` (int32, on each image's own grid) atomically into
+    ``supervoxels_<min_size>/`` or ``superpixels_<min_size>/``, beside the ``*_normalized``
+    folder (published layout) or inside a ``dataset.json`` folder; returns that folder.
+    Existing files are kept unless ``overwrite``. ``connectivity`` / ``body_per_slice``: 3D only,
+    see :func:`supervoxels_3d`. ``workers``: cases in parallel threads (default one per CPU; the
+    output does not depend on it; memory per worker: docs/measurements/supervoxels.md). The first
+    error stops the run and is raised as :class:`fsmis.data.nifti.DataError` naming the image.
     """
     plan = plan_dataset_supervoxels(data_dir, mode, min_size, sigma, scale)
     ds, out_dir = plan.dataset, plan.out_dir
@@ -645,35 +578,7 @@ def make_dataset_supervoxels(
         out_path = out_dir / f"superpix-MIDDLE_{cid}.nii.gz"
         if overwrite or not out_path.exists():
             jobs.append((Path(ds.image_path(cid)), out_path))
-    n_workers = min(available_cpus() if workers is None else workers, max(1, len(jobs)))
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(plan.case_ids), initial=len(plan.case_ids) - len(jobs),
-                   desc=f"{ds.name} {out_dir.name}", unit="case")
-    try:
-        if n_workers == 1:
-            for image_path, out_path in jobs:
-                _write_case(image_path, out_path, plan.mode, params)
-                if bar is not None:
-                    bar.update(1)
-        else:
-            with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="supervoxels") as pool:
-                futures = [pool.submit(_write_case, ip, op, plan.mode, params) for ip, op in jobs]
-                pending = set(futures)
-                try:
-                    while pending:
-                        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                        for fut in done:
-                            fut.result()  # re-raises the first error
-                            if bar is not None:
-                                bar.update(1)
-                finally:
-                    for fut in pending:  # after an error (or Ctrl-C): start no further case
-                        fut.cancel()
-    finally:
-        if bar is not None:
-            bar.close()
+    map_cases(lambda job: _write_case(*job, plan.mode, params), jobs, workers,
+              desc=f"{ds.name} {out_dir.name}", progress=progress, done=len(plan.case_ids) - len(jobs),
+              thread_prefix="supervoxels")
     return out_dir

@@ -1,15 +1,9 @@
 """Compare two prepared dataset folders case by case (``tools/compare_datasets.py``).
 
-Meant for "is my preparation the same data as the archive I downloaded?": for every case id
-present in both folders, the stored shape, spacing and orientation of each, the Pearson
-correlation of the image intensities, and the Dice of every class the two folders share by
-NAME (so SABS liver = 6 is compared with liver, whatever id the other folder stores it under).
-
-Where the two cases are not stored on the same voxel grid (another size, e.g. 257 vs 256, a
-flipped axis, another origin), B is resampled onto A's grid through the two affines (world
-coordinates; images linear, labels nearest) and only voxels of A that fall inside B count;
-the row says so (``grid``). Intensities are compared by correlation, so a global scale or
-offset (another normalisation) does not count as a difference.
+"Is my preparation the same data as the archive I downloaded?": per case id in both folders,
+shape, spacing, orientation, the intensity correlation (blind to another normalisation) and
+the Dice of every class the folders share by NAME. A case stored on another voxel grid is
+resampled onto A's grid through the affines; only voxels of A inside B count (``grid``).
 """
 from __future__ import annotations
 
@@ -18,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from .datasets import open_dataset
-from .nifti import load_volume
+from ..datasets import open_dataset
+from ..nifti import load_volume
 
 
 @dataclass

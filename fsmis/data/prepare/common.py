@@ -1,90 +1,50 @@
-"""Prepare the three public benchmarks from their raw downloads (protocol §1-§4).
+"""What every benchmark's preparation shares (protocol §1-§4).
 
-``prepare_dataset("sabs" | "chaos" | "cmr", raw, out)`` writes the published layout that every
-loader here (and the published code) reads, into the benchmark folder ``out``:
-
-    out/<folder>/image_<id>.nii.gz     float64, clipped (not z-scored)
-    out/<folder>/label_<id>.nii.gz     int16, the benchmark's stored label ids
-    out/<folder>/dataset.json          name, class names -> ids, preparation settings
-    out/<folder>/classmap_1.json       class-slice index: {class: {case id: [slices]}}
-    out/supervoxels_<n>/superpix-MIDDLE_<id>.nii.gz   3D supervoxels (protocol §4)
-    out/preparation_report.json, .md   per case: source, shape, spacing, orientation, label
-                                       voxel counts, fraction of each label inside the body
-    out/checksums.sha256               sha256 of every file above (``sha256sum -c`` format)
-
-with ``<folder>`` = ``sabs_CT_normalized`` / ``chaos_MR_T2_normalized`` / ``cmr_MR_normalized``.
-
-Recipes (protocol §3, the SSL-ALPNet preprocessing):
-
-* **sabs** (Synapse RawData ``img/imgNNNN.nii.gz`` + ``label/labelNNNN.nii.gz``): HU clipped to
-  [-125, 275] and rescaled per volume to [0, 255]; 32 px cropped from every in-plane border
-  (512 -> 448); in-plane resampled to exactly 256 x 256 (spacing x 1.75), z unchanged. Cases
-  re-indexed 0..N-1 in sorted file order; label ids kept (1 spleen ... 6 liver ... 13).
-* **chaos** (``Train_Sets/MR/<patient>/T2SPIR/DICOM_anon/*.dcm`` + ``Ground/*.png``): DICOM
-  read with SimpleITK; each PNG stacked on the slice of the DICOM file with the same name, so
-  the label has the image's geometry by construction; grey 63/126/189/252 -> 1 liver, 2 RK,
-  3 LK, 4 spleen; intensities clipped above the 99.5th percentile; resampled to
-  1.25 x 1.25 x 7.70 mm; centre crop / pad to 256 x 256 (image padded with its minimum).
-  Stored LAS, as the published archive: reached by the axis flips the affine calls for (an
-  axial series in any in-plane orientation ends LAS), never by a fixed flip. Case id = patient.
-* **cmr** (MS-CMRSeg ``patient<k>_C0.nii.gz`` + ``patient<k>_C0_manual.nii.gz``; ``sequence``
-  ``DE`` (LGE) or ``T2`` for the cross-sequence direction): clipped above the 99.5th
-  percentile; resampled to 1.25 x 1.25 x 7.99 mm; centre crop / pad to 256 x 256; oblique
-  short-axis stacks used exactly as stored (never reoriented, never resliced); labels keep the
-  raw 200 / 500 / 600 (LV-MYO, LV-BP, RV), as the published files and :data:`BENCHMARKS`.
-
-Resampling keeps each volume's direction and field of view (voxel corners aligned); images are
-linear, labels class by class (each class's mask linear, then the largest wins). The affine is
-updated with every crop, pad and resampling, so a prepared case lies where the raw one lies
-in world coordinates.
-
-Checks, each naming the case: image and label share shape and geometry; label values are the
-dataset's; every class lies (>= ``min_inside``, default 90 %) inside the body mask of the image
-(a flipped or shifted label fails this); a case whose slices run along another world axis than
-the others is refused.
-
-Re-running skips finished cases. Each file is written atomically, the image of a case last:
-an interrupted case leaves none of its files behind (an exception removes what it wrote; after
-a hard kill the next run removes leftovers: temporary files, labels without an image).
+A :class:`Recipe` holds one benchmark's constants and its two raw-format functions (finding
+the cases, reading one); ``sabs.py``, ``chaos.py`` and ``cmr.py`` each register one. The rest
+is the same for all three: geometry and resampling (the affine follows every crop, pad and
+resampling, so a prepared case lies where the raw one lies in world coordinates), the checks
+that refuse a misaligned case, the atomic per-case writing, the run loop, the class-slice
+index, the report and the checksums.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage as ndi
 
-from ..atomic import atomic_write_json, atomic_write_text
-from .datasets import BENCHMARKS, open_dataset
-from .nifti import (OBLIQUE_DEGREES, DataError, as_label_array, atomic_save_nifti, axis_codes, check_pair,
-                    layout_for, load_volume, obliquity)
+from ...atomic import atomic_write_json, atomic_write_text
+from ...parallel import map_cases
+from ..datasets import BENCHMARKS, open_dataset
+from ..nifti import (OBLIQUE_DEGREES, DataError, atomic_save_nifti, axis_codes, check_pair, layout_for,
+                     load_volume, obliquity)
 
 PREPARE_VERSION = 1
 
-__all__ = [
-    "RECIPES", "Recipe", "RawCase", "PreparationPlan", "plan_preparation", "prepare_dataset",
-    "find_raw_cases", "prepare_case", "verify_checksums", "write_checksums", "CHAOS_PATIENTS",
-]
 
-# the 20 CHAOS MR training patients (protocol §1)
-CHAOS_PATIENTS = ("1", "2", "3", "5", "8", "10", "13", "15", "19", "20", "21", "22", "31", "32", "33", "34",
-                  "36", "37", "38", "39")
-# CHAOS ground-truth grey values (challenge definition: 63, 126, 189, 252 with these tolerances)
-CHAOS_GREY = ((55, 70, 1), (110, 135, 2), (175, 200, 3), (240, 255, 4))
-CMR_SEQUENCES = ("C0", "DE", "T2")
+# --------------------------------------------------------------------------------------------
+# recipes
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RawCase:
+    case_id: str
+    image: Path  # a NIfTI file, or the DICOM folder (chaos)
+    label: Path  # a NIfTI file, or the PNG folder (chaos)
+    source: str  # the raw files, relative to the raw folder (reports carry no absolute paths)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Every constant of one benchmark's preparation (protocol §1, §3, §4)."""
+    """Every constant of one benchmark's preparation (protocol §1, §3, §4) and its raw format."""
 
     key: str  # command-line name
     benchmark: str  # key of BENCHMARKS
@@ -98,6 +58,11 @@ class Recipe:
     target_codes: str | None = None  # axis-aligned cases re-laid out to these codes; None = as stored
     supervoxel_min_size: int = 5000
     classmap_names: dict = field(default_factory=dict)  # published classmap name -> label id
+    # the raw format: find(raw[, sequence]) -> [RawCase]; read(recipe, rc) -> (image, label, affine)
+    find: Callable | None = field(default=None, compare=False, repr=False)
+    read: Callable | None = field(default=None, compare=False, repr=False)
+    sequences: tuple = ()  # selectable sequences, the benchmark's first (cmr); () = none
+    report_note: Callable | None = field(default=None, compare=False, repr=False)  # case ids -> note
 
     @property
     def labels(self) -> dict:
@@ -118,119 +83,62 @@ class Recipe:
         }
 
 
-RECIPES: dict[str, Recipe] = {
-    "sabs": Recipe(
-        "sabs", "SABS", "CT", hu_window=(-125.0, 275.0), border_crop=32,
-        spacing_zyx=(None, None, None), inplane_size=256, supervoxel_min_size=5000,
-        classmap_names={n: i for i, n in enumerate(
-            ["BGD", "SPLEEN", "KID_R", "KID_l", "GALLBLADDER", "ESOPHAGUS", "LIVER", "STOMACH", "AORTA",
-             "IVC", "PS_VEIN", "PANCREAS", "AG_R", "AG_L"])},
-    ),
-    "chaos": Recipe(
-        "chaos", "CHAOST2", "MR", clip_percentile=99.5, spacing_zyx=(7.70, 1.25, 1.25), inplane_size=256,
-        target_codes="LAS", supervoxel_min_size=5000,
-        classmap_names={"BG": 0, "LIVER": 1, "RK": 2, "LK": 3, "SPLEEN": 4},
-    ),
-    "cmr": Recipe(
-        "cmr", "CMR", "MR", clip_percentile=99.5, spacing_zyx=(7.99, 1.25, 1.25), inplane_size=256,
-        supervoxel_min_size=1000,
-        classmap_names={"BG": 0, "LV-MYO": 200, "LV-BP": 500, "RV": 600},
-    ),
-}
+# dataset key -> recipe; the package registers sabs, chaos, cmr (each module's RECIPE)
+RECIPES: dict[str, Recipe] = {}
+
+
+def register(*recipes: Recipe) -> None:
+    for recipe in recipes:
+        RECIPES[recipe.key] = recipe
 
 
 # --------------------------------------------------------------------------------------------
-# finding the raw cases
+# finding and reading the raw cases
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class RawCase:
-    case_id: str
-    image: Path  # a NIfTI file, or the DICOM folder (chaos)
-    label: Path  # a NIfTI file, or the PNG folder (chaos)
-    source: str  # the raw files, relative to the raw folder (reports carry no absolute paths)
-
-
-def _rel(path: Path, root: Path) -> str:
+def relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` (its name if outside), for reports."""
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.name
 
 
-def _number(name: str, pattern: str) -> int | None:
+def match_number(name: str, pattern: str) -> int | None:
+    """The integer group of ``pattern`` if ``name`` matches it in full."""
     m = re.fullmatch(pattern, name)
     return int(m.group(1)) if m else None
 
 
-def _find_sabs(raw: Path) -> list[RawCase]:
-    img_re, lab_re = r"img(\d+)\.nii(?:\.gz)?", r"label(\d+)\.nii(?:\.gz)?"
-    folders = [raw / "img"] if (raw / "img").is_dir() else sorted(p for p in raw.rglob("img") if p.is_dir())
-    for img_dir in folders:
-        images = {n: p for p in img_dir.iterdir() if (n := _number(p.name, img_re)) is not None}
-        if images:
-            break
-    else:
-        raise DataError(f"{raw}: no Synapse images (img/imgNNNN.nii.gz) found")
-    lab_dir = img_dir.parent / "label"
-    if not lab_dir.is_dir():
-        raise DataError(f"{lab_dir}: label folder not found (expected beside {img_dir})")
-    labels = {n: p for p in lab_dir.iterdir() if (n := _number(p.name, lab_re)) is not None}
-    missing = sorted(set(images) - set(labels))
-    if missing:
-        raise DataError(f"{lab_dir}: no label for {', '.join(images[n].name for n in missing[:5])}")
-    # protocol §1: re-indexed 0..N-1 in sorted file order
-    return [RawCase(str(i), images[n], labels[n], f"{_rel(images[n], raw)} + {_rel(labels[n], raw)}")
-            for i, n in enumerate(sorted(images))]
-
-
-def _find_chaos(raw: Path) -> list[RawCase]:
-    found = {}
-    for t2 in sorted(raw.rglob("T2SPIR")):
-        patient = t2.parent.name
-        if not (t2.is_dir() and patient.isdigit()):
-            continue
-        dicom, ground = t2 / "DICOM_anon", t2 / "Ground"
-        if not dicom.is_dir():
-            raise DataError(f"{dicom}: DICOM folder not found for CHAOS patient {patient}")
-        if not ground.is_dir():
-            continue  # a test-set patient: no ground truth
-        pid = str(int(patient))
-        if pid in found:
-            raise DataError(f"{raw}: CHAOS patient {pid} found twice ({found[pid].image} and {dicom})")
-        found[pid] = RawCase(pid, dicom, ground, f"{_rel(dicom, raw)} + {_rel(ground, raw)}")
-    if not found:
-        raise DataError(f"{raw}: no CHAOS MR patients (Train_Sets/MR/<patient>/T2SPIR/DICOM_anon + Ground) found")
-    return [found[k] for k in sorted(found, key=int)]
-
-
-def _find_cmr(raw: Path, sequence: str) -> list[RawCase]:
-    img_re = rf"patient(\d+)_{sequence}\.nii(?:\.gz)?"
-    lab_re = rf"patient(\d+)_{sequence}_manual\.nii(?:\.gz)?"
-    images, labels = {}, {}
-    for p in sorted(raw.rglob(f"patient*_{sequence}*.nii*")):
-        if (n := _number(p.name, img_re)) is not None:
-            images.setdefault(n, p)
-        elif (n := _number(p.name, lab_re)) is not None:
-            labels.setdefault(n, p)
-    both = sorted(set(images) & set(labels))
-    if not both:
-        raise DataError(f"{raw}: no MS-CMRSeg pairs patient<k>_{sequence}.nii.gz + patient<k>_{sequence}_manual.nii.gz")
-    return [RawCase(str(n), images[n], labels[n], f"{_rel(images[n], raw)} + {_rel(labels[n], raw)}") for n in both]
-
-
 def find_raw_cases(dataset: str, raw, sequence: str = "C0") -> list[RawCase]:
-    """The labelled cases of a raw download, in case-id order (see the module docstring)."""
+    """The labelled cases of a raw download, in case-id order."""
     raw = Path(raw)
     if not raw.is_dir():
         raise DataError(f"{raw}: raw data folder not found")
-    if dataset == "sabs":
-        return _find_sabs(raw)
-    if dataset == "chaos":
-        return _find_chaos(raw)
-    if dataset == "cmr":
-        return _find_cmr(raw, sequence)
-    raise ValueError(f"unknown dataset {dataset!r} (choose from {', '.join(RECIPES)})")
+    if dataset not in RECIPES:
+        raise ValueError(f"unknown dataset {dataset!r} (choose from {', '.join(RECIPES)})")
+    recipe = RECIPES[dataset]
+    return recipe.find(raw, sequence) if recipe.sequences else recipe.find(raw)
+
+
+def _check_label_values(label, allowed, where: str):
+    bad = sorted(set(np.unique(label).tolist()) - set(allowed) - {0})
+    if bad:
+        raise DataError(f"{where}: unexpected label values {bad[:8]} (expected {sorted(allowed)})")
+
+
+def read_nifti_case(recipe: Recipe, rc: RawCase):
+    """A NIfTI image + label pair: same geometry, label values the benchmark's."""
+    img = load_volume(rc.image, None, dtype=np.float64, role="image")
+    lab = load_volume(rc.label, None, role="label")
+    check_pair(img, lab)
+    _check_label_values(lab.array, recipe.labels.values(), str(rc.label))
+    return img.array, lab.array, np.asarray(img.stored_affine, float)
+
+
+def read_raw_case(recipe: Recipe, rc: RawCase):
+    """``(image [Z,Y,X] float64, label [Z,Y,X] int32 with the stored ids, affine)`` as in the raw files."""
+    return recipe.read(recipe, rc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,49 +253,8 @@ def reorient(image, label, affine, codes: str, where: str):
 
 
 # --------------------------------------------------------------------------------------------
-# reading and preprocessing one case
+# preprocessing and checking one case
 # --------------------------------------------------------------------------------------------
-
-def _read_nifti_pair(rc: RawCase):
-    img = load_volume(rc.image, None, dtype=np.float64, role="image")
-    lab = load_volume(rc.label, None, role="label")
-    check_pair(img, lab)
-    return img.array, lab.array, np.asarray(img.stored_affine, float)
-
-
-def _check_label_values(label, allowed, where: str):
-    bad = sorted(set(np.unique(label).tolist()) - set(allowed) - {0})
-    if bad:
-        raise DataError(f"{where}: unexpected label values {bad[:8]} (expected {sorted(allowed)})")
-
-
-def chaos_grey_to_ids(grey: np.ndarray, where: str) -> np.ndarray:
-    """CHAOS PNG grey values -> 1 liver, 2 RK, 3 LK, 4 spleen (challenge tolerances)."""
-    out = np.zeros(grey.shape, np.int32)
-    known = grey == 0
-    for lo, hi, cid in CHAOS_GREY:
-        m = (grey >= lo) & (grey <= hi)
-        out[m] = cid
-        known |= m
-    if not known.all():
-        vals = np.unique(grey[~known])[:8]
-        raise DataError(f"{where}: mask grey values {vals.tolist()} are not CHAOS classes "
-                        "(63 liver, 126 right kidney, 189 left kidney, 252 spleen)")
-    return out
-
-
-def read_raw_case(recipe: Recipe, rc: RawCase):
-    """``(image [Z,Y,X] float64, label [Z,Y,X] int32 with the stored ids, affine)`` as in the raw files."""
-    if recipe.key == "chaos":
-        from .dicom import read_dicom_series, stack_masks
-
-        series = read_dicom_series(rc.image)
-        grey = stack_masks(series, rc.label)
-        return series.array, chaos_grey_to_ids(grey, str(rc.label)), series.affine
-    image, label, affine = _read_nifti_pair(rc)
-    _check_label_values(label, recipe.labels.values(), str(rc.label))
-    return image, label, affine
-
 
 def preprocess(recipe: Recipe, image, label, affine, where: str = ""):
     """Protocol §3 for one case; returns ``(image float64, label int32, affine)``."""
@@ -421,7 +288,7 @@ def preprocess(recipe: Recipe, image, label, affine, where: str = ""):
 
 def label_inside_body(image: np.ndarray, label: np.ndarray, classes: dict) -> dict:
     """{class name: fraction of its voxels inside the body mask} for the classes present."""
-    from .supervoxels import body_mask
+    from ..supervoxels import body_mask
 
     body = body_mask(image)
     out = {}
@@ -498,20 +365,24 @@ class PreparationPlan:
 
     def settings(self) -> dict:
         return {"tool": "tools/prepare_dataset.py", "version": PREPARE_VERSION, "dataset": self.recipe.key,
-                "sequence": self.sequence if self.recipe.key == "cmr" else None,
+                "sequence": self.sequence if self.recipe.sequences else None,
                 **self.recipe.settings()}
 
     def describe(self) -> str:
         todo = self.todo()
         ids = [rc.case_id for rc in self.cases]
         lines = [
-            f"prepare {self.name} ({self.recipe.key}{', sequence ' + self.sequence if self.recipe.key == 'cmr' else ''}) "
+            f"prepare {self.name} ({self.recipe.key}{', sequence ' + self.sequence if self.recipe.sequences else ''}) "
             f"from {self.raw}",
             f"  {len(self.cases)} case(s): ids {', '.join(ids[:12])}{' ...' if len(ids) > 12 else ''}",
             f"  output: {self.image_dir}" + (f" and {self.supervoxel_dir}" if self.supervoxels else ""),
             f"  {len(self.cases) - len(todo)} already prepared (skipped), {len(todo)} to prepare",
         ]
         return "\n".join(lines)
+
+
+def _idkey(cid: str):
+    return (0, int(cid), "") if cid.isdigit() else (1, 0, cid)
 
 
 def _read_json(path: Path):
@@ -544,9 +415,10 @@ def plan_preparation(dataset: str, raw, out, sequence: str = "C0", cases=None, s
     if dataset not in RECIPES:
         raise ValueError(f"unknown dataset {dataset!r} (choose from {', '.join(RECIPES)})")
     sequence = str(sequence).upper()
-    if dataset == "cmr" and sequence not in CMR_SEQUENCES:
-        raise ValueError(f"unknown CMR sequence {sequence!r} (choose from {', '.join(CMR_SEQUENCES)})")
     recipe = RECIPES[dataset]
+    if recipe.sequences and sequence not in recipe.sequences:
+        raise ValueError(f"unknown {recipe.benchmark} sequence {sequence!r} "
+                         f"(choose from {', '.join(recipe.sequences)})")
     raw, out = Path(raw), Path(out)
     found = find_raw_cases(dataset, raw, sequence)
     if cases:
@@ -556,7 +428,8 @@ def plan_preparation(dataset: str, raw, out, sequence: str = "C0", cases=None, s
         if unknown:
             raise DataError(f"{raw}: no raw case(s) {', '.join(unknown)} (found: {', '.join(sorted(known, key=_idkey))})")
         found = [rc for rc in found if rc.case_id in wanted]
-    name = recipe.benchmark if (dataset != "cmr" or sequence == "C0") else f"CMR_{sequence}"
+    first_sequence = not recipe.sequences or sequence == recipe.sequences[0]
+    name = recipe.benchmark if first_sequence else f"{recipe.benchmark}_{sequence}"
     plan = PreparationPlan(recipe, raw, out, sequence, found, [], supervoxels, name)
     image_dir = plan.image_dir
     if out.exists() and not out.is_dir():
@@ -576,160 +449,6 @@ def plan_preparation(dataset: str, raw, out, sequence: str = "C0", cases=None, s
             if (image_dir / f"image_{rc.case_id}.nii.gz").is_file() and (image_dir / f"label_{rc.case_id}.nii.gz").is_file():
                 plan.done.append(rc.case_id)
     return plan
-
-
-def _idkey(cid: str):
-    return (0, int(cid), "") if cid.isdigit() else (1, 0, cid)
-
-
-def _remove_leftovers(plan: PreparationPlan) -> list:
-    """Temporary files of a killed run and case files without their image (the image is written
-    last, so these belong to an interrupted case)."""
-    removed = []
-    for folder in (plan.image_dir, plan.supervoxel_dir):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if p.is_file() and p.name.startswith(".tmp-"):
-                p.unlink()
-                removed.append(p)
-    if plan.image_dir.is_dir():
-        for p in plan.image_dir.glob("label_*.nii.gz"):
-            cid = p.name[len("label_"):-len(".nii.gz")]
-            if not (plan.image_dir / f"image_{cid}.nii.gz").is_file():
-                p.unlink()
-                removed.append(p)
-                sv = plan.supervoxel_dir / f"superpix-MIDDLE_{cid}.nii.gz"
-                if sv.is_file():
-                    sv.unlink()
-                    removed.append(sv)
-    return removed
-
-
-def _supervoxels(image, affine, min_size):
-    from .supervoxels import supervoxels_3d
-
-    # on the float32 image, as tools/make_supervoxels.py computes them from the written file
-    return supervoxels_3d(np.asarray(image, np.float32), spacing_of(affine), min_size=min_size)
-
-
-def _save(array_zyx, affine, path, dtype):
-    return atomic_save_nifti(np.transpose(array_zyx, (2, 1, 0)), affine, path, dtype=dtype)
-
-
-def _reference_affine(plan: PreparationPlan):
-    """The first prepared axis-aligned case's affine: the slice axis every case must share."""
-    import nibabel as nib
-
-    for rc in sorted(plan.cases, key=lambda r: _idkey(r.case_id)):
-        p = plan.image_dir / f"image_{rc.case_id}.nii.gz"
-        if p.is_file():
-            aff = np.asarray(nib.load(str(p)).affine, float)
-            if obliquity(aff) <= OBLIQUE_DEGREES:
-                return aff
-    return None
-
-
-def _write_case(plan: PreparationPlan, rc: RawCase, min_inside: float, reference) -> None:
-    image, label, affine, _ = prepare_case(plan.recipe, rc, min_inside)
-    ref = reference.get("affine")
-    if ref is not None:
-        layout_for(affine, ref, f"case {rc.case_id} ({rc.source})")  # refuses another slice axis
-    elif obliquity(affine) <= OBLIQUE_DEGREES:
-        reference["affine"] = affine
-    d = plan.image_dir
-    paths = []
-    try:
-        if plan.supervoxels:
-            sv = _supervoxels(image, affine, plan.recipe.supervoxel_min_size)
-            paths.append(plan.supervoxel_dir / f"superpix-MIDDLE_{rc.case_id}.nii.gz")
-            _save(sv, affine, paths[-1], np.int32)
-        paths.append(d / f"label_{rc.case_id}.nii.gz")
-        _save(label, affine, paths[-1], np.int16)
-        paths.append(d / f"image_{rc.case_id}.nii.gz")  # last: its presence marks a finished case
-        _save(image, affine, paths[-1], np.float64)
-    except BaseException:
-        for p in paths:
-            if p.exists():
-                p.unlink()
-        raise
-
-
-def _write_missing_supervoxels(plan: PreparationPlan, case_id: str) -> None:
-    from .nifti import save_like
-    from .supervoxels import supervoxels_3d
-
-    out = plan.supervoxel_dir / f"superpix-MIDDLE_{case_id}.nii.gz"
-    vol = load_volume(plan.image_dir / f"image_{case_id}.nii.gz")
-    save_like(supervoxels_3d(vol.array, vol.spacing, min_size=plan.recipe.supervoxel_min_size), vol, out,
-              dtype=np.int32)
-
-
-def prepare_dataset(plan_or_dataset, raw=None, out=None, *, sequence: str = "C0", cases=None,
-                    supervoxels: bool = True, overwrite: bool = False, progress: bool = True,
-                    min_inside: float = 0.9, workers: int = 1) -> Path:
-    """Prepare a benchmark (see the module docstring); returns the benchmark folder ``out``.
-
-    Accepts a :class:`PreparationPlan` or ``(dataset, raw, out)``. Errors: :class:`DataError`
-    naming the case and file; :class:`FileExistsError` for an ``out`` holding other data.
-    """
-    if isinstance(plan_or_dataset, PreparationPlan):
-        plan = plan_or_dataset
-    else:
-        plan = plan_preparation(plan_or_dataset, raw, out, sequence, cases, supervoxels, overwrite)
-    if overwrite:
-        for p in list(_our_files(plan.image_dir, plan.out)):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        plan.done = []
-    plan.image_dir.mkdir(parents=True, exist_ok=True)
-    if plan.supervoxels:
-        plan.supervoxel_dir.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(plan)
-    atomic_write_json(plan.image_dir / "dataset.json", plan.meta())
-    todo = plan.todo()
-    reference = {"affine": _reference_affine(plan)}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(plan.cases), initial=len(plan.cases) - len(todo), desc=f"prepare {plan.name}",
-                   unit="case")
-    try:
-        if plan.supervoxels:  # finished cases prepared earlier with --no-supervoxels
-            for cid in plan.done:
-                if not (plan.supervoxel_dir / f"superpix-MIDDLE_{cid}.nii.gz").is_file():
-                    _write_missing_supervoxels(plan, cid)
-        workers = max(1, min(int(workers), len(todo) or 1))
-        if workers == 1:
-            for rc in todo:
-                _write_case(plan, rc, min_inside, reference)
-                if bar is not None:
-                    bar.update(1)
-        else:
-            if reference["affine"] is None and todo:  # the first case sets the reference
-                _write_case(plan, todo[0], min_inside, reference)
-                todo = todo[1:]
-                if bar is not None:
-                    bar.update(1)
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare") as pool:
-                pending = {pool.submit(_write_case, plan, rc, min_inside, reference) for rc in todo}
-                try:
-                    while pending:
-                        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                        for fut in done:
-                            fut.result()
-                            if bar is not None:
-                                bar.update(1)
-                finally:
-                    for fut in pending:
-                        fut.cancel()
-    finally:
-        if bar is not None:
-            bar.close()
-    write_classmap(plan)
-    write_report(plan)
-    write_checksums(plan.out, plan.image_dir, plan.supervoxel_dir)  # whatever supervoxels are there
-    return plan.out
 
 
 # --------------------------------------------------------------------------------------------
@@ -785,10 +504,8 @@ def write_report(plan: PreparationPlan) -> Path:
         })
     report = {"dataset": plan.name, "benchmark": plan.recipe.benchmark, "settings": plan.settings(),
               "n_cases": len(rows), "cases": rows}
-    if plan.recipe.key == "chaos":
-        got = {r["case"] for r in rows}
-        report["note"] = ("the 20 CHAOS MR training patients" if got == set(CHAOS_PATIENTS) else
-                          f"{len(got)} patient(s); the benchmark uses 20: {', '.join(CHAOS_PATIENTS)}")
+    if plan.recipe.report_note is not None:
+        report["note"] = plan.recipe.report_note({r["case"] for r in rows})
     atomic_write_json(plan.out / "preparation_report.json", report)
     names = list(ds.classes)
     lines = [f"# Preparation report: {plan.name}", "",
@@ -848,8 +565,129 @@ def verify_checksums(out) -> list[str]:
     return problems
 
 
-def cpu_workers() -> int:
+# --------------------------------------------------------------------------------------------
+# writing the cases (atomic per case: the image last) and the run
+# --------------------------------------------------------------------------------------------
+
+def _remove_leftovers(plan: PreparationPlan) -> list:
+    """Temporary files of a killed run and case files without their image (the image is written
+    last, so these belong to an interrupted case)."""
+    removed = []
+    for folder in (plan.image_dir, plan.supervoxel_dir):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.is_file() and p.name.startswith(".tmp-"):
+                p.unlink()
+                removed.append(p)
+    if plan.image_dir.is_dir():
+        for p in plan.image_dir.glob("label_*.nii.gz"):
+            cid = p.name[len("label_"):-len(".nii.gz")]
+            if not (plan.image_dir / f"image_{cid}.nii.gz").is_file():
+                p.unlink()
+                removed.append(p)
+                sv = plan.supervoxel_dir / f"superpix-MIDDLE_{cid}.nii.gz"
+                if sv.is_file():
+                    sv.unlink()
+                    removed.append(sv)
+    return removed
+
+
+def _supervoxels(image, affine, min_size):
+    from ..supervoxels import supervoxels_3d
+
+    # on the float32 image, as tools/make_supervoxels.py computes them from the written file
+    return supervoxels_3d(np.asarray(image, np.float32), spacing_of(affine), min_size=min_size)
+
+
+def _save(array_zyx, affine, path, dtype):
+    return atomic_save_nifti(np.transpose(array_zyx, (2, 1, 0)), affine, path, dtype=dtype)
+
+
+def _reference_affine(plan: PreparationPlan):
+    """The first prepared axis-aligned case's affine: the slice axis every case must share."""
+    import nibabel as nib
+
+    for rc in sorted(plan.cases, key=lambda r: _idkey(r.case_id)):
+        p = plan.image_dir / f"image_{rc.case_id}.nii.gz"
+        if p.is_file():
+            aff = np.asarray(nib.load(str(p)).affine, float)
+            if obliquity(aff) <= OBLIQUE_DEGREES:
+                return aff
+    return None
+
+
+def _write_case(plan: PreparationPlan, rc: RawCase, min_inside: float, reference) -> None:
+    """Prepare and write one case, its image last; an exception removes what it wrote."""
+    image, label, affine, _ = prepare_case(plan.recipe, rc, min_inside)
+    ref = reference.get("affine")
+    if ref is not None:
+        layout_for(affine, ref, f"case {rc.case_id} ({rc.source})")  # refuses another slice axis
+    elif obliquity(affine) <= OBLIQUE_DEGREES:
+        reference["affine"] = affine
+    d = plan.image_dir
+    paths = []
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        if plan.supervoxels:
+            sv = _supervoxels(image, affine, plan.recipe.supervoxel_min_size)
+            paths.append(plan.supervoxel_dir / f"superpix-MIDDLE_{rc.case_id}.nii.gz")
+            _save(sv, affine, paths[-1], np.int32)
+        paths.append(d / f"label_{rc.case_id}.nii.gz")
+        _save(label, affine, paths[-1], np.int16)
+        paths.append(d / f"image_{rc.case_id}.nii.gz")  # last: its presence marks a finished case
+        _save(image, affine, paths[-1], np.float64)
+    except BaseException:
+        for p in paths:
+            if p.exists():
+                p.unlink()
+        raise
+
+
+def _write_missing_supervoxels(plan: PreparationPlan, case_id: str) -> None:
+    from ..nifti import save_like
+    from ..supervoxels import supervoxels_3d
+
+    out = plan.supervoxel_dir / f"superpix-MIDDLE_{case_id}.nii.gz"
+    vol = load_volume(plan.image_dir / f"image_{case_id}.nii.gz")
+    save_like(supervoxels_3d(vol.array, vol.spacing, min_size=plan.recipe.supervoxel_min_size), vol, out,
+              dtype=np.int32)
+
+
+def prepare_dataset(plan_or_dataset, raw=None, out=None, *, sequence: str = "C0", cases=None,
+                    supervoxels: bool = True, overwrite: bool = False, progress: bool = True,
+                    min_inside: float = 0.9, workers: int = 1) -> Path:
+    """Prepare a benchmark into the folder ``out`` and return it.
+
+    Re-running skips finished cases and first removes what a killed run left (temporary files,
+    labels without their image). ``workers``: cases prepared in parallel threads.
+
+    Accepts a :class:`PreparationPlan` or ``(dataset, raw, out)``. Errors: :class:`DataError`
+    naming the case and file; :class:`FileExistsError` for an ``out`` holding other data.
+    """
+    if isinstance(plan_or_dataset, PreparationPlan):
+        plan = plan_or_dataset
+    else:
+        plan = plan_preparation(plan_or_dataset, raw, out, sequence, cases, supervoxels, overwrite)
+    if overwrite:
+        for p in list(_our_files(plan.image_dir, plan.out)):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        plan.done = []
+    plan.image_dir.mkdir(parents=True, exist_ok=True)
+    if plan.supervoxels:
+        plan.supervoxel_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(plan)
+    atomic_write_json(plan.image_dir / "dataset.json", plan.meta())
+    if plan.supervoxels:  # finished cases prepared earlier with --no-supervoxels
+        for cid in plan.done:
+            if not (plan.supervoxel_dir / f"superpix-MIDDLE_{cid}.nii.gz").is_file():
+                _write_missing_supervoxels(plan, cid)
+    todo = plan.todo()
+    reference = {"affine": _reference_affine(plan)}
+    map_cases(lambda rc: _write_case(plan, rc, min_inside, reference), todo, int(workers),
+              desc=f"prepare {plan.name}", progress=progress, done=len(plan.cases) - len(todo),
+              serial_first=1 if reference["affine"] is None else 0,  # the first case sets the reference
+              thread_prefix="prepare")
+    write_classmap(plan)
+    write_report(plan)
+    write_checksums(plan.out, plan.image_dir, plan.supervoxel_dir)  # whatever supervoxels are there
+    return plan.out
