@@ -7,17 +7,15 @@ Cases are sorted by id (:func:`~fsmis.data.case_ids.sort_case_ids`); boundaries
 - canonical (SSL-ALPNet, corrected RPT): fold k queries ``cases[sep[k]:sep[k+1]]``; support
   ``cases[sep[k+1] % N]``; training = every case not queried in fold k (support included).
 - legacy (ADNet family): fold k is the sorted set ``cases[sep[k]:sep[k+1]+1]`` (the last fold
-  wraps to case 0); support = element ``supp_idx`` of that list; queries = the others;
-  training excludes the whole fold.
+  wraps to case 0); support = element ``supp_idx`` of that list (the published codes use 2:
+  Q-Net, RPT, PAMI, GMRD, FAMNet; 3: CATNet; -1: ADNet); queries = the others; training
+  excludes the whole fold.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from .case_ids import sort_case_ids
-
-# supp_idx of the published ADNet-family codes, for reference in --help texts and docs.
-LEGACY_SUPP_IDX = {"qnet": 2, "rpt": 2, "pami": 2, "gmrd": 2, "famnet": 2, "catnet": 3, "adnet": -1}
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,6 @@ class VolumeResult:
     dice: float
     hd95_mm: float | None
     asd_mm: float | None
-    n_slices: int
     support_slices: list
 
 
@@ -208,8 +207,7 @@ class Evaluator:
                 hd = asd = None
                 if cfg.surface_metrics:
                     hd, asd = surface_distances(pred, gt, q_case.spacing)
-                res.volumes.append(VolumeResult(q, cls, counts, counts.dice, hd, asd,
-                                                int(kept.sum()), s_idx))
+                res.volumes.append(VolumeResult(q, cls, counts, counts.dice, hd, asd, s_idx))
                 if self.prediction_sink is not None:
                     self.prediction_sink(res.fold, q, cls, pred)
                 if bar is not None:
