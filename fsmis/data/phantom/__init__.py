@@ -44,9 +44,7 @@ header is nominal. dataset.json ``generator`` records seed, modality, n_cases, s
 ``version`` (bump :data:`GENERATOR_VERSION` when the output changes) and ``code`` (a digest of
 this package's source); a folder holding exactly the requested phantom is reused, not rewritten.
 
-Difficulty: the ``support-copy`` floor (EP1 protocol, default 8-case datasets) scores about
-0.50 (CT) and 0.55 (MR) mean Dice over the four organs; the organs' intensities tell them
-apart from their surroundings, so a method that reads the image can do better.
+How hard the phantom is for a baseline: docs/measurements/data_and_evaluation.md.
 
 Modules, in the order a case is made:
 

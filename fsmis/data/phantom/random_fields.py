@@ -27,8 +27,8 @@ def _interp_matrix(n_out: int, n_grid: int) -> np.ndarray:
 def smooth_noise(rng: np.random.Generator, shape, grid) -> np.ndarray:
     """A smooth random field of ``shape`` (about unit std) interpolated from a random grid.
 
-    Separable Gaussian-weighted interpolation done with three small matrix products, so a
-    40 x 256 x 256 field costs a few milliseconds.
+    Separable Gaussian-weighted interpolation done with three small matrix products (timing:
+    docs/measurements/data_and_evaluation.md).
     """
     grid = tuple(max(2, int(g)) for g in grid)
     g = rng.standard_normal(grid).astype(np.float32)
