@@ -168,3 +168,11 @@ def test_split_validation_holds_out_a_non_support_case_deterministically():
     assert split_validation(["3", "1", "2"], support="2", n_val=0) == (["1", "2", "3"], [])
     with pytest.raises(ValueError):
         split_validation(["1"], support="1", n_val=1)  # nothing but the support
+
+
+def test_sort_case_ids_numeric_only_when_all_digits():
+    from fsmis.data.case_ids import sort_case_ids
+
+    assert sort_case_ids([10, "2", "1"]) == ["1", "2", "10"]
+    assert sort_case_ids(["10", "2", "a"]) == ["10", "2", "a"]
+    assert sort_case_ids([]) == []

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .case_ids import sort_case_ids
 from .nifti import DataError, Volume, check_pair, load_volume
 
 
@@ -57,12 +58,6 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 _IMAGE_RE = re.compile(r"^image_(.+)\.nii(\.gz)?$")
-
-
-def _sort_ids(ids):
-    if all(i.isdigit() for i in ids):
-        return sorted(ids, key=int)
-    return sorted(ids)
 
 
 @dataclass
@@ -162,7 +157,7 @@ class FSMISDataset:
             m = _IMAGE_RE.match(p.name)
             if m:
                 ids.append(m.group(1))
-        return _sort_ids(ids)
+        return sort_case_ids(ids)
 
     # -- files -------------------------------------------------------------------------------
     def _file(self, kind: str, case_id: str) -> Path:

@@ -31,7 +31,7 @@ seed gives the same episode stream. Arrays are numpy float32; the training engin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,7 +57,6 @@ class Episode:
     reversed: bool
     class_name: str | None = None  # organ name when class_source == "label"
     augmented: str | None = None  # "support" | "query" | "both" | None
-    meta: dict = field(default_factory=dict)
 
     @property
     def n_shot(self) -> int:
@@ -304,10 +303,6 @@ class ConsecutiveSliceSampler(_SamplerBase):
     @property
     def run_length(self) -> int:
         return self.n_shot + 1
-
-    def table(self, cid: str) -> _RunTable:
-        self._prepare()
-        return self._tables[cid]
 
     def _build_table(self, cid: str) -> _RunTable:
         cmap = self.class_map(cid)

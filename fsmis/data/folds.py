@@ -1,20 +1,21 @@
 """Cross-validation folds and the support volume (protocol §6).
 
-Cases are sorted by id; boundaries ``sep[k] = round(k * N / n_folds)`` (Python's round, half
-to even; for the benchmark sizes 20, 30, 35 every boundary is an integer).
+Cases are sorted by id (:func:`~fsmis.data.case_ids.sort_case_ids`); boundaries
+``sep[k] = round(k * N / n_folds)`` (Python's round, half to even; for the benchmark sizes
+20, 30, 35 every boundary is an integer).
 
 - canonical (SSL-ALPNet, corrected RPT): fold k queries ``cases[sep[k]:sep[k+1]]``; support
   ``cases[sep[k+1] % N]``; training = every case not queried in fold k (support included).
 - legacy (ADNet family): fold k is the sorted set ``cases[sep[k]:sep[k+1]+1]`` (the last fold
-  wraps to case 0); support = element ``supp_idx`` of that list; queries = the others;
-  training excludes the whole fold.
+  wraps to case 0); support = element ``supp_idx`` of that list (the published codes use 2:
+  Q-Net, RPT, PAMI, GMRD, FAMNet; 3: CATNet; -1: ADNet); queries = the others; training
+  excludes the whole fold.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-# supp_idx of the published ADNet-family codes, for reference in --help texts and docs.
-LEGACY_SUPP_IDX = {"qnet": 2, "rpt": 2, "pami": 2, "gmrd": 2, "famnet": 2, "catnet": 3, "adnet": -1}
+from .case_ids import sort_case_ids
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,8 @@ def fold_boundaries(n: int, n_folds: int = 5) -> list[int]:
     return [int(round(k * n / n_folds)) for k in range(n_folds + 1)]
 
 
-def _sort_key(case_ids):
-    ids = [str(c) for c in case_ids]
-    if all(i.isdigit() for i in ids):
-        return sorted(ids, key=int)
-    return sorted(ids)
-
-
 def make_folds(case_ids, protocol: str = "canonical", supp_idx: int = 2, n_folds: int = 5) -> list[Fold]:
-    cases = _sort_key(case_ids)
+    cases = sort_case_ids(case_ids)
     n = len(cases)
     if n < 2:
         raise ValueError(f"need at least 2 cases for folds, got {n}")
@@ -60,7 +54,7 @@ def make_folds(case_ids, protocol: str = "canonical", supp_idx: int = 2, n_folds
             members = cases[sep[k]:sep[k + 1] + 1]
             if k == n_folds - 1:
                 members = members + [cases[0]]
-            members = _sort_key(set(members))
+            members = sort_case_ids(set(members))
             if not -len(members) <= supp_idx < len(members):
                 raise ValueError(f"supp_idx {supp_idx} is outside fold {k} of {len(members)} cases")
             support = members[supp_idx]
@@ -78,7 +72,7 @@ def split_validation(train_cases, support: str | None = None, n_val: int = 1) ->
     The validation cases are the last ``n_val`` training cases in sorted order, never the fold's
     support case, so the choice is deterministic and documented. Returns (train, val).
     """
-    cases = _sort_key(train_cases)
+    cases = sort_case_ids(train_cases)
     if n_val <= 0:
         return cases, []
     pool = [c for c in cases if c != support]

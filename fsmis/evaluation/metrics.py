@@ -1,7 +1,11 @@
 """Overlap and surface metrics. Surface distances come from MONAI, in millimetres.
 
-Dice is computed from confusion counts (TP, FP, FN) so that the per-volume and the pooled
-variants share one definition: ``2 TP / (2 TP + FP + FN)``.
+The one Dice of the project. It is computed from confusion counts (TP, FP, FN) so that the
+per-volume and the pooled variants share one definition: ``2 TP / (2 TP + FP + FN)``.
+
+Two empty masks (``2 TP + FP + FN = 0``) have no overlap to measure; their Dice is ``empty``:
+1.0 by default (an empty prediction of an empty structure is correct; MONAI's ``compute_dice``
+with ``ignore_empty=False``), or e.g. ``None`` where such a pair is to be left out of a mean.
 """
 from __future__ import annotations
 
@@ -19,8 +23,12 @@ class Counts:
 
     @property
     def dice(self) -> float:
+        return self.dice_or(1.0)
+
+    def dice_or(self, empty):
+        """``2 TP / (2 TP + FP + FN)``, or ``empty`` when both masks are empty."""
         denom = 2 * self.tp + self.fp + self.fn
-        return float(2 * self.tp / denom) if denom > 0 else 1.0
+        return float(2 * self.tp / denom) if denom > 0 else empty
 
     def __add__(self, other: "Counts") -> "Counts":
         return Counts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
@@ -35,15 +43,18 @@ def confusion(pred: np.ndarray, gt: np.ndarray) -> Counts:
     return Counts(tp, int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(gt)) - tp)
 
 
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    return confusion(pred, gt).dice
+def dice(pred: np.ndarray, gt: np.ndarray, empty=1.0):
+    """Dice of two boolean masks of one shape; ``empty`` when both are empty."""
+    return confusion(pred, gt).dice_or(empty)
 
 
-def pooled_dice(counts) -> float:
+def pooled_dice(counts, empty=1.0):
+    """Dice of the summed counts (one Dice over several volumes); ``empty`` when the sum has
+    no foreground at all, including when ``counts`` is empty."""
     total = Counts(0, 0, 0)
     for c in counts:
         total = total + c
-    return total.dice
+    return total.dice_or(empty)
 
 
 def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[float | None, float | None]:

@@ -28,7 +28,7 @@ from ..data.folds import Fold, make_folds
 from ..data.nifti import DataError
 from ..data.normalize import normalize_volume
 from ..methods.base import Predictor
-from .metrics import Counts, confusion, surface_distances
+from .metrics import Counts, confusion, pooled_dice, surface_distances
 
 PROTOCOL_VERSION = 1
 
@@ -109,7 +109,6 @@ class VolumeResult:
     dice: float
     hd95_mm: float | None
     asd_mm: float | None
-    n_slices: int
     support_slices: list
 
 
@@ -208,8 +207,7 @@ class Evaluator:
                 hd = asd = None
                 if cfg.surface_metrics:
                     hd, asd = surface_distances(pred, gt, q_case.spacing)
-                res.volumes.append(VolumeResult(q, cls, counts, counts.dice, hd, asd,
-                                                int(kept.sum()), s_idx))
+                res.volumes.append(VolumeResult(q, cls, counts, counts.dice, hd, asd, s_idx))
                 if self.prediction_sink is not None:
                     self.prediction_sink(res.fold, q, cls, pred)
                 if bar is not None:
@@ -250,13 +248,7 @@ def summarize(fold_results: list[FoldResult], classes, cfg: ProtocolConfig, ds: 
             if vols:
                 slices[c] = vols[0].support_slices
         per_class = {c: _mean(per_volume[c].values()) for c in classes}
-        pooled = {}
-        for c in classes:
-            tot = Counts(0, 0, 0)
-            for v in fr.volumes:
-                if v.cls == c:
-                    tot = tot + v.counts
-            pooled[c] = tot.dice if (tot.tp + tot.fp + tot.fn) else None
+        pooled = {c: pooled_dice((v.counts for v in fr.volumes if v.cls == c), empty=None) for c in classes}
         folds_out.append({
             "fold": fr.fold,
             "support": fr.support,
