@@ -90,7 +90,7 @@ def test_empty_conventions():
 
 
 def test_dataset_comparison_dice_is_metrics_dice():
-    from fsmis.data.prepare_compare import dice as compare_dice
+    from fsmis.data.prepare.compare import dice as compare_dice
 
     rng = np.random.default_rng(3)
     a, b = rng.random((4, 8, 8)) > 0.5, rng.random((4, 8, 8)) > 0.3

@@ -14,6 +14,7 @@ from scipy import ndimage as ndi
 
 from ..datasets import open_dataset
 from ..nifti import load_volume
+from ...evaluation.metrics import dice as metrics_dice
 
 
 @dataclass
@@ -54,9 +55,8 @@ def _b_on_a_grid(vol_a, vol_b, order: int, cval: float):
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    from fsmis.evaluation.metrics import dice as _dice  # the one Dice; two empty masks -> None
-
-    return _dice(a, b, empty=None)
+    """The one Dice (fsmis.evaluation.metrics); two empty masks -> None."""
+    return metrics_dice(a, b, empty=None)
 
 
 def compare_case(ds_a, ds_b, case_id: str, classes: list) -> CaseComparison:
