@@ -66,7 +66,7 @@ def train_demo_model(config: Path, run: Path, overrides: list[str], progress: bo
     if tr.resume():
         print(f"resuming the demo model at step {tr.step}")
     print(f"training the demo SD-FSMIS: {cfg.train.max_steps} steps of {cfg.train.batch_size} episodes, fold "
-          f"{cfg.data.fold} (support {tr.fold.support}, validation {tr.val_cases})")
+          f"{cfg.data.fold} (support {tr.method.fold.support}, validation {tr.method.val_cases})")
     return cfg, tr.fit()
 
 
