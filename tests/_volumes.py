@@ -56,7 +56,7 @@ def oblique_affine(codes: str, spacing=(1.0, 1.0, 1.0), axis: str = "z", degrees
                    origin=(0.0, 0.0, 0.0)) -> np.ndarray:
     """An axis-aligned affine (``codes``) rotated by ``degrees`` about a world axis.
 
-    With 30-50 degrees the volume is oblique (protocol §2: > 20 degrees) while its nearest-axis
+    With 30-50 degrees the volume is oblique (docs/protocol.md §2: > 20 degrees) while its nearest-axis
     codes stay ``codes`` as long as the rotation is below 45 degrees.
     """
     aff = affine_from_codes(codes, spacing, origin)

@@ -1,6 +1,6 @@
-"""fsmis.data.folds: canonical and legacy folds against the published lists (protocol §6).
+"""fsmis.data.folds: canonical and legacy folds against the published lists (docs/protocol.md §6).
 
-The expected lists are written out by hand from §6:
+The expected lists are written out by hand from docs/protocol.md §6:
   sep = [round(k N / 5)]: CHAOS 0,4,8,12,16,20; SABS 0,6,...,30; CMR 0,7,...,35.
   canonical fold k: queries cases[sep[k]:sep[k+1]], support cases[sep[k+1] % N].
   legacy fold k: sorted cases[sep[k]:sep[k+1]+1] (fold 4 wraps to case 0), support = element

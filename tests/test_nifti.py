@@ -1,4 +1,4 @@
-"""fsmis.data.nifti: layouts (protocol §2), spacing, save_like round trips and file errors."""
+"""fsmis.data.nifti: layouts (docs/protocol.md §2), spacing, save_like round trips and file errors."""
 from __future__ import annotations
 
 import gzip

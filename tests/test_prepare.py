@@ -2,7 +2,7 @@
 
 Small synthetic raw fixtures in each raw format: Synapse NIfTI in HU at 512 x 512, a CHAOS
 DICOM series with PNG masks in grey values 63/126/189/252, MS-CMRSeg NIfTI with labels
-200/500/600 on an oblique short-axis stack. Outputs are checked against protocol §1-§4.
+200/500/600 on an oblique short-axis stack. Outputs are checked against docs/protocol.md §1-§4.
 """
 from __future__ import annotations
 

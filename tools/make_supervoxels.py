@@ -2,7 +2,7 @@
 """Write the unsupervised supervoxels / superpixels used for self-supervised training.
 
 No compile step: the 3D Felzenszwalb segmentation runs in numba (pure Python install).
-See fsmis/data/supervoxels.py and docs protocol §4.
+See fsmis/data/supervoxels.py and docs/protocol.md §4.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training augmentation of one 2D slice and its mask(s) (protocol §5).
+"""Training augmentation of one 2D slice and its mask(s) (docs/protocol.md §5).
 
 One calling convention for every transform::
 
@@ -170,7 +170,7 @@ class Compose(Transform):
 
 
 def default_augmentation() -> Compose:
-    """The protocol's training augmentation (§5): affine, elastic, gamma."""
+    """The protocol's training augmentation (docs/protocol.md §5): affine, elastic, gamma."""
     return Compose([
         RandomAffine(rotation=5.0, shift=5.0, shear=5.0, scale=(0.9, 1.2)),
         RandomElastic(alpha=10.0, sigma=5.0),

@@ -1,4 +1,4 @@
-"""Dataset roots: the published benchmark folders and nnU-Net-style folders (protocol §1, §3).
+"""Dataset roots: the published benchmark folders and nnU-Net-style folders (docs/protocol.md §1, §3).
 
 A dataset is a folder of ``image_<id>.nii.gz`` / ``label_<id>.nii.gz`` pairs plus its class
 names. Two kinds of root are accepted:

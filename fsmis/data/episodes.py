@@ -1,4 +1,4 @@
-"""Training episodes: 1-way K-shot, one query (protocol §5; SD-FSMIS training recipe).
+"""Training episodes: 1-way K-shot, one query (docs/protocol.md §5; SD-FSMIS training recipe).
 
 Two samplers:
 

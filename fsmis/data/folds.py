@@ -1,4 +1,4 @@
-"""Cross-validation folds and the support volume (protocol §6).
+"""Cross-validation folds and the support volume (docs/protocol.md §6).
 
 Cases are sorted by id (:func:`~fsmis.data.case_ids.sort_case_ids`); boundaries
 ``sep[k] = round(k * N / n_folds)`` (Python's round, half to even; for the benchmark sizes

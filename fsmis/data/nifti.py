@@ -1,4 +1,4 @@
-"""NIfTI volumes as the published FSMIS loaders read them (protocol §2).
+"""NIfTI volumes as the published FSMIS loaders read them (docs/protocol.md §2).
 
 Array convention: ``[Z, Y, X]``: slice ``z`` is ``array[z]``, the stored third voxel axis,
 exactly what ``SimpleITK.GetArrayFromImage`` returns and what every published loader slices.

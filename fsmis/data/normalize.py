@@ -1,4 +1,4 @@
-"""Intensity normalisation of a volume at load time (protocol §3, "Network input").
+"""Intensity normalisation of a volume at load time (docs/protocol.md §3, "Network input").
 
 Modes:
 - ``"zscore"``: per-volume mean / std (most recent baselines; the project default);

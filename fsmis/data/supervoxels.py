@@ -1,4 +1,4 @@
-"""Unsupervised supervoxels / superpixels for self-supervised episodes (protocol §4).
+"""Unsupervised supervoxels / superpixels for self-supervised episodes (docs/protocol.md §4).
 
 No compile step: the graph segmentation runs in numba (JIT at first use), the rest is numpy /
 scipy / scikit-image.

@@ -1,4 +1,4 @@
-"""The canonical FSMIS evaluator (protocol §6–§7), one code path for every method.
+"""The canonical FSMIS evaluator (docs/protocol.md §6–§7), one code path for every method.
 
 EP1 with ``n_part = 3`` by default. For each fold and each test class c:
 

@@ -2,7 +2,7 @@
 
 ``make_phantom_dataset(out_dir, modality="ct")`` writes a folder that every tool accepts as a
 dataset root (``dataset.json`` kind, see :mod:`fsmis.data.datasets`), laid out like the
-published preprocessed benchmarks (protocol §1, §3):
+published preprocessed benchmarks (docs/protocol.md §1, §3):
 
 - ``image_<id>.nii.gz`` (float32) and ``label_<id>.nii.gz`` (int16), ``dataset.json``, and
   (unless ``supervoxels=False``) ``supervoxels_<min_size>/superpix-MIDDLE_<id>.nii.gz``.

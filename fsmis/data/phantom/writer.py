@@ -14,7 +14,7 @@ from .case import DEFAULT_SHAPE, REFERENCE_INPLANE, check_modality, check_shape,
 from .tissues import TEST_LABELS, labels_for
 
 GENERATOR_VERSION = 1
-FULL_SIZE_MIN_SIZE = 5000  # supervoxel min_size for 256 x 256 in-plane (protocol §4)
+FULL_SIZE_MIN_SIZE = 5000  # supervoxel min_size for 256 x 256 in-plane (docs/protocol.md §4)
 
 
 def case_ids(modality: str, n_cases: int) -> list[str]:
@@ -30,7 +30,7 @@ def affine_for(spacing) -> np.ndarray:
 
 
 def default_supervoxel_min_size(shape) -> int:
-    """5000 voxels at 256 x 256 in-plane (protocol §4), scaled with the in-plane area."""
+    """5000 voxels at 256 x 256 in-plane (docs/protocol.md §4), scaled with the in-plane area."""
     _, Y, X = (int(s) for s in shape)
     return max(50, int(round(FULL_SIZE_MIN_SIZE * (Y * X) / (REFERENCE_INPLANE ** 2))))
 

@@ -1,11 +1,11 @@
-"""Prepare the three public benchmarks from their raw downloads (protocol §1-§4).
+"""Prepare the three public benchmarks from their raw downloads (docs/protocol.md §1-§4).
 
 ``prepare_dataset("sabs" | "chaos" | "cmr", raw, out)`` writes the published layout that every
 loader here reads into the benchmark folder ``out``::
 
     out/<folder>/image_<id>.nii.gz, label_<id>.nii.gz   float64 clipped image, int16 stored label ids
     out/<folder>/dataset.json, classmap_1.json          settings; class-slice index
-    out/supervoxels_<n>/superpix-MIDDLE_<id>.nii.gz     3D supervoxels (protocol §4)
+    out/supervoxels_<n>/superpix-MIDDLE_<id>.nii.gz     3D supervoxels (docs/protocol.md §4)
     out/preparation_report.json, .md                    per case: source, geometry, label counts
     out/checksums.sha256                                ``sha256sum -c`` format
 

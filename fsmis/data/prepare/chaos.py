@@ -2,7 +2,7 @@
 
 The DICOM series is read with SimpleITK; each PNG is stacked on the slice of the DICOM file
 with the same name, so the label has the image's geometry by construction. Grey 63/126/189/252
--> 1 liver, 2 RK, 3 LK, 4 spleen. Recipe (protocol §3): intensities clipped above the 99.5th
+-> 1 liver, 2 RK, 3 LK, 4 spleen. Recipe (docs/protocol.md §3): intensities clipped above the 99.5th
 percentile; resampled to 1.25 x 1.25 x 7.70 mm; centre crop / pad to 256 x 256 (image padded
 with its minimum). Stored LAS, as the published archive, reached by the axis flips the affine
 calls for (an axial series in any in-plane orientation ends LAS), never by a fixed flip.
@@ -17,7 +17,7 @@ import numpy as np
 from ..nifti import DataError
 from .common import RawCase, Recipe, relative
 
-# the 20 CHAOS MR training patients (protocol §1)
+# the 20 CHAOS MR training patients (docs/protocol.md §1)
 CHAOS_PATIENTS = ("1", "2", "3", "5", "8", "10", "13", "15", "19", "20", "21", "22", "31", "32", "33", "34",
                   "36", "37", "38", "39")
 # CHAOS ground-truth grey values (challenge definition: 63, 126, 189, 252 with these tolerances)

@@ -1,7 +1,7 @@
 """CMR (Card-MRI): MS-CMRSeg ``patient<k>_C0.nii.gz`` + ``patient<k>_C0_manual.nii.gz``.
 
 ``sequence`` ``C0`` (bSSFP, the benchmark), ``DE`` (LGE) or ``T2`` for the cross-sequence
-direction. Recipe (protocol §3): clipped above the 99.5th percentile; resampled to
+direction. Recipe (docs/protocol.md §3): clipped above the 99.5th percentile; resampled to
 1.25 x 1.25 x 7.99 mm; centre crop / pad to 256 x 256; oblique short-axis stacks used exactly
 as stored (never reoriented, never resliced); labels keep the raw 200 / 500 / 600 (LV-MYO,
 LV-BP, RV), as the published files and :data:`fsmis.data.datasets.BENCHMARKS`.

@@ -1,4 +1,4 @@
-"""What every benchmark's preparation shares (protocol §1-§4).
+"""What every benchmark's preparation shares (docs/protocol.md §1-§4).
 
 A :class:`Recipe` holds one benchmark's constants and its two raw-format functions (finding
 the cases, reading one); ``sabs.py``, ``chaos.py`` and ``cmr.py`` each register one. The rest
@@ -44,7 +44,7 @@ class RawCase:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Every constant of one benchmark's preparation (protocol §1, §3, §4) and its raw format."""
+    """Every constant of one benchmark's preparation (docs/protocol.md §1, §3, §4) and its raw format."""
 
     key: str  # command-line name
     benchmark: str  # key of BENCHMARKS
@@ -257,7 +257,7 @@ def reorient(image, label, affine, codes: str, where: str):
 # --------------------------------------------------------------------------------------------
 
 def preprocess(recipe: Recipe, image, label, affine, where: str = ""):
-    """Protocol §3 for one case; returns ``(image float64, label int32, affine)``."""
+    """docs/protocol.md §3 for one case; returns ``(image float64, label int32, affine)``."""
     image = np.asarray(image, np.float64)
     if recipe.target_codes and obliquity(affine) <= OBLIQUE_DEGREES:
         image, label, affine = reorient(image, label, affine, recipe.target_codes, where)

@@ -1,7 +1,7 @@
 """SABS (Abd-CT): the Synapse multi-atlas abdomen CT, RawData ``img/imgNNNN.nii.gz`` +
 ``label/labelNNNN.nii.gz``.
 
-Recipe (protocol §3, the SSL-ALPNet preprocessing): HU clipped to [-125, 275] and rescaled per
+Recipe (docs/protocol.md §3, the SSL-ALPNet preprocessing): HU clipped to [-125, 275] and rescaled per
 volume to [0, 255]; 32 px cropped from every in-plane border (512 -> 448); in-plane resampled
 to exactly 256 x 256 (spacing x 1.75), z unchanged. Cases re-indexed 0..N-1 in sorted file
 order; label ids kept (1 spleen ... 6 liver ... 13).
@@ -31,7 +31,7 @@ def find_cases(raw: Path) -> list[RawCase]:
     missing = sorted(set(images) - set(labels))
     if missing:
         raise DataError(f"{lab_dir}: no label for {', '.join(images[n].name for n in missing[:5])}")
-    # protocol §1: re-indexed 0..N-1 in sorted file order
+    # docs/protocol.md §1: re-indexed 0..N-1 in sorted file order
     return [RawCase(str(i), images[n], labels[n], f"{relative(images[n], raw)} + {relative(labels[n], raw)}")
             for i, n in enumerate(sorted(images))]
 
