@@ -142,7 +142,7 @@ def training_protocol(run, ds, args) -> dict:
               "method": run.cfg.method, "config_name": run.cfg.name}
     if not hasattr(data, "setting"):
         return record
-    same_data = _same_dataset(data.root, ds)
+    same_data = _same_dataset(run, ds)
     # what the model was trained with; the fold protocol binds only on the training dataset itself
     own = {"setting": data.setting, "exclusion": data.exclusion}
     if same_data:
@@ -165,14 +165,20 @@ def training_protocol(run, ds, args) -> dict:
     return record
 
 
-def _same_dataset(root, ds) -> bool:
-    """Whether the run's data.root is the dataset being evaluated (same image folder)."""
+def _same_dataset(run, ds) -> bool:
+    """Whether the run trained on the dataset being evaluated: the same image folder, or the same
+    dataset name and cases (RUN/data.json; else the run's data.root, resolved from here)."""
+    ident = run.data_identity
+    here = Path(ds.image_dir).resolve()
+    if ident is not None:
+        return Path(ident["image_dir"]) == here or (ident["name"] == ds.name and ident["cases"] == list(ds.case_ids))
+    root = run.cfg.data.root
     if root is None:
         return False
     try:
         from fsmis.data.datasets import open_dataset
 
-        return Path(open_dataset(root).image_dir).resolve() == Path(ds.image_dir).resolve()
+        return Path(open_dataset(root).image_dir).resolve() == here
     except Exception:
         return False
 

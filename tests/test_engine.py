@@ -146,7 +146,7 @@ def test_a_slice_reaches_the_model_identically_in_training_and_evaluation(tmp_pa
     from fsmis.data.batch import collate
     from fsmis.data.normalize import normalize_volume
 
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.root={tiny_data}", "data.image_size=32",
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.root={tiny_data}", "data.image_size=32", "model.vae=tiny",
                                                        "data.min_fg_pixels=10", "train.cache_latents=false"])
     tr = Trainer(cfg, tmp_path / "r", "cpu", progress=False).setup()
     ep = tr.method.sampler.sample(np.random.default_rng(0))
@@ -160,3 +160,22 @@ def test_a_slice_reaches_the_model_identically_in_training_and_evaluation(tmp_pa
     assert torch.equal(s_img, batch.support_images) and torch.equal(q_img, batch.query_images)
     assert torch.equal(s_msk, batch.support_masks)
     assert tuple(s_img.shape[-2:]) == (32, 32) and vol.shape[-1] == 48  # a real resize happened
+
+
+def test_stateful_random_streams_are_saved_per_process_under_ddp(tmp_path, tiny_data):
+    """The autoencoder draws crops from per-process streams: a 2-process run saves both, and a resume
+    with another process count is refused instead of silently repeating one rank's stream."""
+    run = tmp_path / "ddp_vae"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+           str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo_vae.yaml"), "--out", str(run), "--quiet",
+           "--device", "cpu", f"data.root={tiny_data}", "data.image_size=32", "data.crop=16", "train.max_steps=2",
+           "train.batch_size=4", "train.ckpt_every=1", "train.warmup_steps=1", "model.eval_image_stride=8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((ck.resolve_checkpoint(run, "last") / "state.json").read_text())
+    ranks = state["rng_ranks"]
+    assert len(ranks) == 2 and ranks[0] != ranks[1] and state["rng"] == ranks[0]
+    (run / "train_summary.json").unlink()
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run), "--quiet", "--device", "cpu",
+                          "train.max_steps=3"], capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert res.returncode == 2 and "resume with the same count" in res.stderr

@@ -112,6 +112,8 @@ def test_demo_config_trains_with_the_cache(tmp_path, tiny_data):
                       [f"data.root={tiny_data}", "data.image_size=32", "data.min_fg_pixels=10",
                        "train.max_steps=2", "train.val_every=0", "train.ckpt_every=2", "train.image_every=0"])
     assert cfg.train.cache_latents and not cfg.data.augment and cfg.data.shift_px == 0
+    assert cfg.model.vae is None and cfg.model.vae_path is None  # the demo sets the trained demo VAE
+    cfg.model.vae = load_config(root / "configs" / "demo_vae.yaml").model.architecture
     tr = Trainer(cfg, tmp_path / "demo", "cpu", progress=False).setup()
     n_attn1 = sum(1 for name, _ in tr.model.unet.attn_processors.items() if ".attn1." in name)
     assert n_attn1 == 7

@@ -113,6 +113,20 @@ def test_protocol_switches_come_from_the_run(trained, tmp_path):
     assert (t["labels"], t["fold"], t["folds_protocol"], t["step"]) == ("supervoxel", 0, "canonical", 3)
 
 
+def test_the_training_dataset_is_recognised_wherever_it_lies(trained, tmp_path):
+    """RUN/data.json names the training data: a copy of the dataset in another folder (or a relative
+    data.root seen from another working directory) still binds the run's fold."""
+    import shutil
+
+    ident = json.loads((trained["run"] / "data.json").read_text())
+    assert ident["name"] == open_dataset(trained["data"]).name and ident["fold"] == 0 and ident["validation"]
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(trained["data"], copy)
+    bad = _run([ROOT / "test.py", "--checkpoint", trained["run"], "--data", copy, "--out", tmp_path / "o", "--quiet",
+                "--folds", "2", "--no-surface", "--no-nifti", "--no-figures"])
+    assert bad.returncode == 2 and "fold 0" in bad.stderr
+
+
 def test_per_class_predictions_reproduce_the_scored_dice(trained, tmp_path):
     from fsmis.data.nifti import load_volume
     from fsmis.evaluation.metrics import dice

@@ -52,6 +52,11 @@ class Method:
         """(what, value) rows describing the training data, for ``train.py --dry-run``."""
         return []
 
+    def data_identity(self) -> dict | None:
+        """What identifies the training data (saved as RUN/data.json), e.g. for test.py to tell
+        whether it evaluates on the training dataset itself."""
+        return None
+
     def build(self) -> None:
         """Build ``self.module`` (every parameter that trains lives in it) and ``self.load_report``."""
         raise NotImplementedError

@@ -6,6 +6,7 @@ Layout written by :class:`~fsmis.engine.trainer.Trainer`::
     RUN/checkpoints/index.json names ``last`` and ``best``
     RUN/checkpoints/step_<N>/  model.safetensors, optimizer.safetensors, [ema.safetensors], state.json
     RUN/frozen.safetensors     frozen tensors no weight file provides (e.g. a randomly initialised VAE)
+    RUN/data.json              what the method trained on (dataset name, image folder, cases)
     RUN/train_summary.json     written when training reached max_steps
     RUN/tensorboard/
 
@@ -27,6 +28,9 @@ from . import checkpoints as ck
 from .method import method_class
 
 
+DATA_NAME = "data.json"
+
+
 def run_folder(path: str | Path) -> Path:
     """A run folder, its checkpoints folder or one of its step folders -> the run folder."""
     p = Path(path)
@@ -35,6 +39,11 @@ def run_folder(path: str | Path) -> Path:
             return cand
     raise ck.CheckpointError(f"{p}: not a trained run (expected a folder with config.yaml and checkpoints/, "
                              "as train.py --out writes)")
+
+
+def _short(v, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def config_conflicts(run_cfg: Config, other: Config) -> list[str]:
@@ -46,7 +55,7 @@ def config_conflicts(run_cfg: Config, other: Config) -> list[str]:
     a, b = dataclasses.asdict(run_cfg.model), dataclasses.asdict(other.model)
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k):
-            out.append(f"model.{k}: run {a.get(k)!r}, config {b.get(k)!r}")
+            out.append(f"model.{k}: run {_short(a.get(k))}, config {_short(b.get(k))}")
     for k in ("image_size",):
         va, vb = getattr(run_cfg.data, k, None), getattr(other.data, k, None)
         if va != vb:
@@ -61,6 +70,14 @@ class LoadedRun:
     cfg: Config
     method: object  # fsmis.engine.method.Method, built and loaded
     weights: str  # "ema" | "model"
+
+    @property
+    def data_identity(self) -> dict | None:
+        """RUN/data.json: the training dataset's name, resolved image folder and cases (or None)."""
+        import json
+
+        p = self.run_dir / DATA_NAME
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
 
     @property
     def step(self) -> int:

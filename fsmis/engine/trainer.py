@@ -117,6 +117,8 @@ class Trainer:
         if device is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.dist and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # collectives use the current device
         self.is_main = self.rank == 0
 
     # -- set-up ------------------------------------------------------------------------------
@@ -159,7 +161,12 @@ class Trainer:
         if self.ema is not None and "ema" in state:
             for k, v in state["ema"].items():
                 self.ema.shadow[k].copy_(v)
-        self.method.load_rng_state(state["state"].get("rng", {}))
+        saved = state["state"]
+        ranks = saved.get("rng_ranks") or [saved.get("rng", {})]
+        if any(ranks) and len(ranks) != self.world:
+            raise ck.CheckpointError(f"{step_dir}: saved by {len(ranks)} process(es), resumed with {self.world}: "
+                                     "this method's random streams are per process; resume with the same count")
+        self.method.load_rng_state(ranks[self.rank] if len(ranks) > self.rank else {})
         self.step = int(state["state"]["step"])
         self.best = float(state["state"].get("best", -1.0))
         self.history = list(state["state"].get("history", []))
@@ -210,9 +217,21 @@ class Trainer:
     def validate(self) -> float | None:
         return self.method.validate()
 
-    def save(self, val_dice: float | None = None, best: bool = False):
+    def _rng_states(self) -> list:
+        """Every rank's stateful random streams (a collective call under DDP)."""
+        own = self.method.rng_state()
+        if not self.dist:
+            return [own]
+        states = [None] * self.world
+        torch.distributed.all_gather_object(states, own)
+        return states
+
+    def save(self, val_dice: float | None = None, best: bool = False, rng_states: list | None = None):
+        rng_states = rng_states if rng_states is not None else [self.method.rng_state()]
         extra = {"best": self.best, "history": self.history, "val_dice": val_dice, "method": self.cfg.method,
-                 "seed": self.cfg.train.seed, "rng": self.method.rng_state()}
+                 "seed": self.cfg.train.seed, "rng": rng_states[0], "world_size": self.world}
+        if len(rng_states) > 1:
+            extra["rng_ranks"] = rng_states
         if hasattr(self.cfg.data, "fold"):
             extra["fold"] = self.cfg.data.fold
         return ck.save_checkpoint(self.run_dir, self.step, self.method.trained_state(), self.optimizer,
@@ -230,6 +249,11 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             if not (self.run_dir / ck.FROZEN_NAME).is_file():
                 ck.save_frozen(self.run_dir, self.method.frozen_state())
+            identity = self.method.data_identity()
+            if identity is not None:
+                from .runs import DATA_NAME
+
+                atomic_write_json(self.run_dir / DATA_NAME, identity)
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.run_dir / "tensorboard"))
@@ -259,8 +283,16 @@ class Trainer:
                         self.history.append({"step": self.step, "val_dice": val_dice})
                         if writer is not None:
                             writer.add_scalar("val/dice", val_dice, self.step)
-                if self.is_main and (ckpt_due or is_best):
-                    self.save(val_dice, best=is_best)
+                if self.dist:  # every rank learns whether rank 0 saves (best depends on its validation)
+                    flag = torch.tensor([int(ckpt_due or is_best)], device=self.device)
+                    torch.distributed.broadcast(flag, 0)
+                    save_now = bool(flag.item())
+                else:
+                    save_now = ckpt_due or is_best
+                if save_now:
+                    rng_states = self._rng_states()
+                    if self.is_main:
+                        self.save(val_dice, best=is_best, rng_states=rng_states)
                 if self.dist:
                     torch.distributed.barrier()
         finally:

@@ -52,6 +52,14 @@ class EpisodicMethod(Method):
                 (f"fold {f.fold}", f"support {f.support}, queries {list(f.queries)}"),
                 ("training cases", f"{list(self.train_cases)}"), ("validation cases", f"{list(self.val_cases)}")]
 
+    def data_identity(self) -> dict:
+        from pathlib import Path
+
+        f = self.fold
+        return {"name": self.dataset.name, "image_dir": str(Path(self.dataset.image_dir).resolve()),
+                "cases": list(self.dataset.case_ids), "fold": f.fold, "support": f.support,
+                "queries": list(f.queries), "train": list(self.train_cases), "validation": list(self.val_cases)}
+
     def episodes(self, step: int, micro: int):
         rng = np.random.default_rng([self.cfg.train.seed, step, micro, self.rank])
         return [self.sampler.sample(rng) for _ in range(self.cfg.train.batch_size)], rng
