@@ -110,7 +110,7 @@ def test_class_slices_known_answers(tmp_path):
     assert ds.class_slices("3", "c").tolist() == [1]
     assert ds.class_slices("3", "d").tolist() == []
     case = ds.load_case("3")
-    assert case.mask(1).sum() == 3 * 9 - 1
+    assert (case.label == 1).sum() == 3 * 9 - 1
     assert case.spacing == pytest.approx((3.0, 0.9, 0.8))
 
 

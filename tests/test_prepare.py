@@ -412,9 +412,9 @@ def test_cmr_oblique_as_stored_and_raw_ids(cmr):
     ds = open_dataset(out)
     assert ds.name == "CMR" and ds.supervoxel_dir == out / "supervoxels_1000"
     case = ds.load_case("1", supervoxels=True)
-    assert {n: int(case.mask(ds.class_id(n)).sum()) > 0 for n in ds.test_classes} == \
+    assert {n: int((case.label == ds.class_id(n)).sum()) > 0 for n in ds.test_classes} == \
         {"LV-MYO": True, "LV-BP": True, "RV": True}
-    assert np.array_equal(case.mask(ds.class_id("RV")), lab == 600)
+    assert np.array_equal((case.label == ds.class_id("RV")), lab == 600)
     rows = ds.layout_report()
     assert rows[0]["kind"] == "oblique" and rows[0]["on_load"].startswith("oblique")
     report = json.loads((out / "preparation_report.json").read_text())

@@ -69,9 +69,6 @@ class Case:
     image_volume: Volume = field(repr=False)
     supervoxels: np.ndarray | None = field(default=None, repr=False)
 
-    def mask(self, label_id: int) -> np.ndarray:
-        return self.label == label_id
-
 
 class FSMISDataset:
     """One benchmark or dataset folder. Cases load lazily and are cached."""
