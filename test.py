@@ -230,4 +230,6 @@ class PredictionWriter:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fsmis.cli import run_tool
+
+    sys.exit(run_tool(main))

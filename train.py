@@ -65,6 +65,13 @@ def main(argv=None) -> int:
             for k, s in summaries.items():
                 _done(s, out / f"fold{k}", f"fold {k}: ")
             return 0
+        if (out / "config.yaml").is_file():
+            from fsmis.config import config_diff
+
+            diff = config_diff(load_config(out / "config.yaml"), cfg)
+            if diff:
+                raise ConfigError(f"{out} already holds a run with another config ({'; '.join(diff)}; saved vs "
+                                  f"given): continue it with --resume {out}, or train into a new --out")
         tr = Trainer(cfg, out, args.device, not args.quiet).setup()
         if tr.resume():
             print(f"{out} already holds checkpoints; continuing from step {tr.step}")
@@ -113,4 +120,6 @@ def dry_run(cfg, device=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fsmis.cli import run_tool
+
+    sys.exit(run_tool(main))

@@ -159,7 +159,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value (e.g. train.max_steps=100)")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML") from None
+    return key.strip().split("."), value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -168,7 +172,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            detail = str(exc).replace("\n", " ")
+            raise ConfigError(f"{path}: not a readable YAML file ({detail})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a YAML mapping")
     for text in overrides or []:
@@ -180,9 +188,59 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
     try:
-        return _build(Config, raw, "")
+        cfg = _build(Config, raw, "")
+        check_ranges(cfg)
+        return cfg
     except ConfigError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+_RANGES = {  # key: (test, what it must be)
+    "train.max_steps": (lambda v: v >= 1, ">= 1"), "train.batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.grad_accum": (lambda v: v >= 1, ">= 1"), "train.lr": (lambda v: v > 0, "> 0"),
+    "train.vtct_lr_mult": (lambda v: v >= 0, ">= 0"), "train.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "train.clip_grad": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "train.ema": (lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
+    "train.ckpt_every": (lambda v: v >= 1, ">= 1"), "train.val_every": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"), "train.image_every": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "train.keep_last": (lambda v: v >= 0, ">= 0"), "train.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "train.final_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "train.precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+    "train.schedule": (lambda v: v in ("linear", "constant", "warmup_cosine"), "linear, constant or warmup_cosine"),
+    "eval.chunk_batch": (lambda v: v >= 1, ">= 1"), "eval.support": (lambda v: v in ("1shot", "3shot"), "1shot or 3shot"),
+    "data.image_size": (lambda v: v >= 8, ">= 8"), "data.n_val": (lambda v: v >= 0, ">= 0"),
+    "data.min_fg_pixels": (lambda v: v >= 0, ">= 0"), "data.fold": (lambda v: v >= 0, ">= 0"),
+    "data.setting": (lambda v: v in (1, 2), "1 or 2"), "data.exclusion": (lambda v: v in ("any", "all"), "any or all"),
+    "data.protocol": (lambda v: v in ("canonical", "legacy"), "canonical or legacy"),
+    "data.labels": (lambda v: v in ("supervoxel", "label"), "supervoxel or label"),
+    "data.shift_px": (lambda v: v >= 0, ">= 0"), "data.crop": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Refuse values outside their range (a typo such as train.ema=2 would otherwise train silently wrong)."""
+    for key, (ok, what) in _RANGES.items():
+        section, name = key.split(".")
+        node = getattr(cfg, section, None)
+        if node is None or not hasattr(node, name) or getattr(node, name) is None:
+            continue
+        value = getattr(node, name)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r}: must be {what}")
+
+
+def config_diff(a: Config, b: Config) -> list[str]:
+    """Keys whose values differ between two configs: ["train.lr: 0.0001 vs 0.05", ...]."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k in ("data", "model", "train", "eval") and not prefix:
+                out.update(flat(v, f"{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

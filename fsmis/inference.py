@@ -51,6 +51,11 @@ def predict_scan(predictor: Predictor, support_image: str | Path, support_label:
                  match_spacing: bool = True) -> ScanPrediction:
     """``match_spacing``: resample the query in-plane to the support's pixel spacing (default); False
     keeps both grids as stored, as the benchmark evaluator does (same in-plane size, or crop / pad)."""
+    if n_part < 1:
+        raise ValueError(f"n_part={n_part}: must be >= 1")
+    value = label_id if out_value is None else out_value
+    if not -32768 <= value <= 32767:
+        raise ValueError(f"output value {value} does not fit in int16 (-32768..32767)")
     sup = load_volume(support_image)
     sup_lab = load_volume(support_label, role="label")
     check_pair(sup, sup_lab)

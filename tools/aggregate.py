@@ -61,4 +61,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fsmis.cli import run_tool
+
+    sys.exit(run_tool(main))

@@ -53,6 +53,20 @@ def main(argv=None) -> int:
 
     if args.method is None and args.checkpoint is None:
         p.error("give --method (e.g. support-copy) or --checkpoint RUN_DIR")
+    out = Path(args.out)
+    if not (out.name.endswith(".nii.gz") or out.name.endswith(".nii")):
+        p.error(f"--out {out}: the mask is written as NIfTI; the name must end in .nii.gz or .nii")
+    for flag, given in (("--support-image", args.support_image), ("--support-label", args.support_label),
+                        ("--query-image", args.query_image)):
+        if out.resolve() == Path(given).resolve():
+            p.error(f"--out {out} is the {flag} file: it would be overwritten; choose another output name")
+    if out.is_dir():
+        p.error(f"--out {out} is a folder; give a file name ending in .nii.gz")
+    if args.n_part < 1:
+        p.error(f"--n-part {args.n_part}: must be >= 1")
+    value = args.label if args.out_value is None else args.out_value
+    if not -32768 <= value <= 32767:
+        p.error(f"--out-value {value}: must fit in int16 (-32768..32767)")
     try:
         predictor = build_predictor(args.method, config=args.config, checkpoint=args.checkpoint)
         print(f"{predictor.name}: label {args.label} of {args.support_image} -> {args.query_image}")
@@ -69,4 +83,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fsmis.cli import run_tool
+
+    sys.exit(run_tool(main))

@@ -58,6 +58,7 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 _IMAGE_RE = re.compile(r"^image_(.+)\.nii(\.gz)?$")
+_LABEL_RE = re.compile(r"^label_(.+)\.nii(\.gz)?$")
 
 
 @dataclass
@@ -123,7 +124,21 @@ class FSMISDataset:
         for key in ("name", "labels"):
             if key not in info:
                 raise DataError(f"{meta}: missing key {key!r}")
-        labels = {str(k): int(v) for k, v in info["labels"].items() if int(v) != 0}
+        if not isinstance(info["labels"], dict):
+            raise DataError(f"{meta}: 'labels' must map class names to label ids, e.g. {{\"liver\": 6}}, "
+                            f"not a {type(info['labels']).__name__}")
+        labels, owner = {}, {}
+        for k, v in info["labels"].items():
+            if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.lstrip("-").isdigit())):
+                raise DataError(f"{meta}: label id of {k!r} must be an integer, got {v!r}")
+            v = int(v)
+            if v < 0:
+                raise DataError(f"{meta}: label id of {k!r} is negative ({v})")
+            if v in owner:
+                raise DataError(f"{meta}: classes {owner[v]!r} and {k!r} share the label id {v}")
+            owner[v] = str(k)
+            if v != 0:
+                labels[str(k)] = v
         self.name = str(info["name"])
         self.modality = str(info.get("modality", "unknown"))
         self.image_dir = root
@@ -137,6 +152,8 @@ class FSMISDataset:
                     raise DataError(f"{meta}: test label id {t} is not among the labels {labels}")
                 self.test_classes.append(by_id[int(t)])
             else:
+                if str(t) not in labels:
+                    raise DataError(f"{meta}: test label {t!r} is not among the labels {labels}")
                 self.test_classes.append(str(t))
         self.supervoxel_dir = self._find_supervoxels(root, info.get("supervoxels"))
 
@@ -149,11 +166,18 @@ class FSMISDataset:
         return found[0] if found else None
 
     def _find_cases(self) -> list[str]:
-        ids = []
+        ids, labels = [], []
         for p in self.image_dir.iterdir():
             m = _IMAGE_RE.match(p.name)
             if m:
                 ids.append(m.group(1))
+            m = _LABEL_RE.match(p.name)
+            if m:
+                labels.append((m.group(1), p.name))
+        orphans = sorted(name for cid, name in labels if cid not in set(ids))
+        if orphans:
+            raise DataError(f"{self.image_dir}: label file(s) without an image: {', '.join(orphans[:10])}"
+                            + (f" ... ({len(orphans)} in all)" if len(orphans) > 10 else ""))
         return sort_case_ids(ids)
 
     # -- files -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ tensors go through safetensors, everything else through JSON.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -72,9 +73,27 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer
     if best:
         index["best"] = final.name
         index["best_metric"] = (extra or {}).get("val_dice")
+    # the new checkpoint and the index naming it are on disk before anything old is removed
+    atomic_write_json(ckdir / "index.json", index)
     _prune(ckdir, index, keep_last)
     atomic_write_json(ckdir / "index.json", index)
     return final
+
+
+def is_complete(step_dir: Path) -> bool:
+    return (step_dir / "state.json").is_file() and (step_dir / "model.safetensors").is_file()
+
+
+def last_complete(run_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: the index's ``last`` when complete, else the newest complete
+    ``step_<N>`` folder (whatever the index says: a crash between two writes leaves it stale)."""
+    ckdir = Path(run_dir) / "checkpoints"
+    name = read_index(run_dir).get("last")
+    if name and is_complete(ckdir / name):
+        return ckdir / name
+    steps = sorted((p for p in ckdir.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and is_complete(p)),
+                   key=lambda p: int(p.name[5:]))
+    return steps[-1] if steps else None
 
 
 def _json_default(obj):
@@ -88,8 +107,10 @@ def _prune(ckdir: Path, index: dict, keep_last: int) -> None:
     steps = sorted(index.get("steps", []), key=lambda s: int(s.split("_")[1]))
     recent = set(steps[-keep_last:]) if keep_last > 0 else set()
     for name in steps:
-        if name not in keep and name not in recent:
-            shutil.rmtree(ckdir / name, ignore_errors=True)
+        if name not in keep and name not in recent and (ckdir / name).exists():
+            doomed = ckdir / f".old-{name}"  # renamed first: a kill mid-delete leaves no half folder under step_*
+            os.replace(ckdir / name, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     index["steps"] = [s for s in steps if (ckdir / s).exists() or s in keep or s in recent]
 
 
@@ -97,7 +118,10 @@ def read_index(run_dir: str | Path) -> dict:
     p = Path(run_dir) / "checkpoints" / "index.json"
     if not p.is_file():
         return {}
-    return json.loads(p.read_text(encoding="utf-8"))
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{p}: unreadable checkpoint index ({exc})") from exc
 
 
 def clean_partial(run_dir: str | Path) -> list[Path]:

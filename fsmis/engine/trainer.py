@@ -145,10 +145,9 @@ class Trainer:
 
     def resume(self) -> int:
         ck.clean_partial(self.run_dir)
-        idx = ck.read_index(self.run_dir)
-        if not idx.get("last"):
+        step_dir = ck.last_complete(self.run_dir)
+        if step_dir is None:
             return 0
-        step_dir = self.run_dir / "checkpoints" / idx["last"]
         state = ck.load_checkpoint(step_dir)
         frozen = ck.load_frozen(self.run_dir)
         if frozen is not None:

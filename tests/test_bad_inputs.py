@@ -1,0 +1,194 @@
+"""Bad inputs and faults: each gives exit status 2 with one message naming the file or key, no
+traceback, and no lost or partial output."""
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fsmis.config import ConfigError, load_config
+from fsmis.data.datasets import open_dataset
+from fsmis.data.nifti import DataError
+from fsmis.data.phantom import make_phantom_dataset
+from fsmis.engine import checkpoints as ck
+from fsmis.engine.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def _clean_error(proc, *names):
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    for n in names:
+        assert str(n) in proc.stderr, (n, proc.stderr[-1500:])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad") / "D"
+    make_phantom_dataset(out, modality="ct", n_cases=5, seed=3, shape=(10, 48, 48), supervoxels=True, progress=False)
+    return out
+
+
+def _predict(data, out, *extra):
+    return _run([ROOT / "tools" / "predict.py", "--method", "support-copy", "--support-image", data / "image_0.nii.gz",
+                 "--support-label", data / "label_0.nii.gz", "--label", "6", "--query-image", data / "image_1.nii.gz",
+                 "--out", out, *extra])
+
+
+@pytest.mark.parametrize("which", ["image_1.nii.gz", "label_0.nii.gz", "image_0.nii.gz"])
+def test_predict_refuses_to_overwrite_an_input(data, which):
+    before = (data / which).read_bytes()
+    proc = _predict(data, data / which)
+    _clean_error(proc, which)
+    assert (data / which).read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["pred", "pred.img", "pred.txt"])
+def test_predict_output_name_is_checked_before_any_work(data, tmp_path, name):
+    proc = _predict(data, tmp_path / name)
+    _clean_error(proc, name)
+    assert not list(tmp_path.iterdir())  # nothing written, no hidden temporary file
+
+
+@pytest.mark.parametrize("extra, key", [(["--n-part", "0"], "--n-part"), (["--out-value", "70000"], "--out-value")])
+def test_predict_range_checks(data, tmp_path, extra, key):
+    proc = _predict(data, tmp_path / "p.nii.gz", *extra)
+    _clean_error(proc, key)
+    assert not (tmp_path / "p.nii.gz").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.ema=1", "train.ema"), ("train.ema=2", "train.ema"), ("train.batch_size=0", "train.batch_size"),
+    ("train.max_steps=-5", "train.max_steps"), ("train.grad_accum=0", "train.grad_accum"),
+    ("train.ckpt_every=0", "train.ckpt_every"), ("data.image_size=0", "data.image_size"),
+    ("eval.chunk_batch=0", "eval.chunk_batch"), ("data.setting=3", "data.setting"),
+    ("train.schedule=step", "train.schedule"),
+])
+def test_config_values_out_of_range_are_refused(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(ROOT / "configs" / "demo.yaml", [override])
+
+
+def test_config_errors_reach_the_user_as_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    _clean_error(_run([ROOT / "train.py", "--config", bad, "--dry-run"]), "bad.yaml")
+    _clean_error(_run([ROOT / "train.py", "--config", ROOT / "configs" / "demo.yaml", "--dry-run", "train.ema=2"]),
+                 "train.ema")
+
+
+def _tiny_cfg(tmp_path, data, **train):
+    raw = {"name": "tiny", "method": "_tiny_method:TinySegmenter",
+           "data": {"root": str(data), "image_size": 32, "min_fg_pixels": 10, "n_val": 1, "augment": False},
+           "model": {"width": 4},
+           "train": {"max_steps": 3, "batch_size": 2, "grad_accum": 1, "lr": 1e-2, "ckpt_every": 1, "val_every": 0,
+                     "image_every": 0, "seed": 5, **train}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_an_existing_run_with_another_config_is_refused(data, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    cfg = _tiny_cfg(tmp_path, data)
+    first = _run([ROOT / "train.py", "--config", cfg, "--out", tmp_path / "run", "--quiet", "--device", "cpu"], env=env)
+    assert first.returncode == 0, first.stderr[-1500:]
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    proc = _run([ROOT / "train.py", "--config", cfg, "--out", tmp_path / "run", "--quiet", "--device", "cpu",
+                 "train.lr=0.05"], env=env)
+    _clean_error(proc, "train.lr", "--resume")
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(data, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    cfg = load_config(_tiny_cfg(tmp_path, data, keep_last=3, max_steps=4))
+    tr = Trainer(cfg, tmp_path / "r", "cpu", progress=False).setup()
+    for _ in range(2):
+        tr.train_step()
+        tr.save()
+    # the state a crash mid-save could leave: the index names a step folder that is gone
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "step_2")
+    again = Trainer(cfg, tmp_path / "r", "cpu", progress=False).setup()
+    assert again.resume() == 1
+
+
+def test_the_new_checkpoint_is_indexed_before_old_ones_are_pruned(data, tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parent))
+    cfg = load_config(_tiny_cfg(tmp_path, data, keep_last=1))
+    tr = Trainer(cfg, tmp_path / "r", "cpu", progress=False).setup()
+    tr.train_step()
+    tr.save()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # killed while pruning
+
+    monkeypatch.setattr(ck, "_prune", crash)
+    tr.train_step()
+    with pytest.raises(KeyboardInterrupt):
+        tr.save()
+    assert ck.read_index(tmp_path / "r")["last"] == "step_2"
+    assert Trainer(cfg, tmp_path / "r", "cpu", progress=False).setup().resume() == 2
+
+
+def test_a_broken_index_names_its_file(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "index.json").write_text("{not json")
+    with pytest.raises(ck.CheckpointError, match="index.json"):
+        ck.read_index(tmp_path)
+
+
+def test_checkpoint_folders_follow_the_umask(data, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    old = os.umask(0o022)
+    try:
+        cfg = load_config(_tiny_cfg(tmp_path, data))
+        tr = Trainer(cfg, tmp_path / "r", "cpu", progress=False).setup()
+        tr.train_step()
+        step = tr.save()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(step.stat().st_mode) == 0o755
+    assert stat.S_IMODE((step / "model.safetensors").stat().st_mode) == 0o644
+
+
+def _dataset(tmp_path, data, labels, tests=None, extra_label=False):
+    d = tmp_path / "ds"
+    d.mkdir()
+    for n in ("image_0.nii.gz", "label_0.nii.gz"):
+        shutil.copy(data / n, d / n)
+    if extra_label:
+        shutil.copy(data / "label_1.nii.gz", d / "label_1.nii.gz")
+    info = {"name": "x", "labels": labels, **({"test_labels": tests} if tests is not None else {})}
+    (d / "dataset.json").write_text(json.dumps(info))
+    return d
+
+
+@pytest.mark.parametrize("labels, tests, match", [
+    ({"background": 0, "liver": 6, "spleen": 6}, None, "share the label id 6"),
+    ({"background": 0, "liver": -6}, None, "negative"),
+    (["liver", "spleen"], None, "must map class names"),
+    ({"background": 0, "liver": "six"}, None, "must be an integer"),
+    ({"background": 0, "liver": 6}, ["lung"], "'lung' is not among the labels"),
+])
+def test_bad_dataset_json_is_refused_by_name(data, tmp_path, labels, tests, match):
+    d = _dataset(tmp_path, data, labels, tests)
+    with pytest.raises(DataError, match=match) as err:
+        open_dataset(d)
+    assert "dataset.json" in str(err.value)
+
+
+def test_a_label_file_without_its_image_is_reported(data, tmp_path):
+    d = _dataset(tmp_path, data, {"background": 0, "liver": 6}, extra_label=True)
+    with pytest.raises(DataError, match="label_1.nii.gz"):
+        open_dataset(d)
