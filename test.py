@@ -110,20 +110,27 @@ def main(argv=None) -> int:
             surface_metrics=not args.no_surface, support_case=args.support_case,
             query_cases=args.query_cases)
         out = Path(args.out)
+        check_output_folder(out)
         sink = None if args.no_nifti else PredictionWriter(ds, out / "predictions")
         ev = Evaluator(ds, predictor, cfg, progress=not args.quiet, prediction_sink=sink)
         folds = ev.folds()
         print(f"{predictor.name} on {ds.name} ({len(ds.case_ids)} cases, classes {', '.join(ev.classes)}); "
               f"{len(folds)} fold(s): " + "; ".join(f"support {f.support} -> {len(f.queries)} queries" for f in folds))
-        results = ev.run()
-        if training is not None:
-            results["training"] = training
-        written = write_results(results, out)
-        if sink is not None:
-            written += sink.flush()
-        if not args.no_figures:
-            written += write_figures(ds, predictor, results, out / "figures")
-    except (DataError, ValueError, ConfigError, CheckpointError, WeightLoadError, FileNotFoundError) as exc:
+        from fsmis.atomic import atomic_directory, exclusive_lock
+
+        with exclusive_lock(out.parent, "output folder", out.parent / f".{out.name}.lock"):
+            results = ev.run()
+            if training is not None:
+                results["training"] = training
+            # the whole folder is written as one unit: a killed run leaves the previous one (or nothing)
+            with atomic_directory(out) as tmp:
+                written = write_results(results, tmp)
+                if sink is not None:
+                    sink.folder = Path(tmp) / "predictions"
+                    written += sink.flush()
+                if not args.no_figures:
+                    written += write_figures(ds, predictor, results, Path(tmp) / "figures")
+    except (DataError, ValueError, ConfigError, CheckpointError, WeightLoadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()
@@ -132,6 +139,23 @@ def main(argv=None) -> int:
           + ("" if args.no_nifti else f", predictions in {out / 'predictions'}")
           + ("" if args.no_figures else f", overlays in {out / 'figures'}"))
     return 0
+
+
+def check_output_folder(out: Path) -> None:
+    """Before any work: --out must be a new folder, an empty one, or an earlier test.py output
+    (which is then replaced as a whole), in a writable place."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
+        raise ValueError(f"--out {out} holds other files and no results.json: it is not a test.py output folder, "
+                         "and would be replaced; choose a new or empty folder")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable")
 
 
 def training_protocol(run, ds, args) -> dict:

@@ -81,3 +81,37 @@ def atomic_directory(path: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def exclusive_lock(folder: str | Path, what: str = "folder", lock_file: str | Path | None = None):
+    """Hold ``folder/.lock`` (or ``lock_file``; an advisory ``flock``) for the duration; a second
+    process that tries gets a clear error instead of writing into the same folder. The lock goes
+    with the process; a ``lock_file`` given here is removed on release."""
+    import fcntl
+
+    folder = Path(folder)
+    path = Path(lock_file) if lock_file is not None else folder / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise BusyError(f"{folder}: this {what} is in use by {holder}; wait for it to finish or use another "
+                            "folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()}\n")
+        fh.flush()
+        yield path
+        if lock_file is not None:
+            path.unlink(missing_ok=True)
+    finally:
+        fh.close()
+
+
+class BusyError(OSError):
+    """The folder is locked by another process."""

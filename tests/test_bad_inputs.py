@@ -192,3 +192,47 @@ def test_a_label_file_without_its_image_is_reported(data, tmp_path):
     d = _dataset(tmp_path, data, {"background": 0, "liver": 6}, extra_label=True)
     with pytest.raises(DataError, match="label_1.nii.gz"):
         open_dataset(d)
+
+
+def _test_py(data, out, *extra):
+    return _run([ROOT / "test.py", "--method", "support-copy", "--data", data, "--out", out, "--quiet", "--no-surface",
+                 *extra])
+
+
+def test_test_py_output_is_replaced_as_a_whole(data, tmp_path):
+    out = tmp_path / "res"
+    first = _test_py(data, out)
+    assert first.returncode == 0, first.stderr[-1500:]
+    stale = out / "predictions" / "fold9" / "pred_x.nii.gz"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    again = _test_py(data, out, "--folds", "0", "--no-figures")
+    assert again.returncode == 0, again.stderr[-1500:]
+    assert not stale.exists() and not (out / "figures").exists()  # nothing of the earlier run is left
+    assert json.loads((out / "results.json").read_text())["protocol"]["folds_evaluated"] == [0]
+    assert not list(tmp_path.glob(".*"))  # no temporary folder or lock file left beside it
+
+
+def test_test_py_refuses_an_unsuitable_out_before_the_work(data, tmp_path):
+    (tmp_path / "file").write_text("x")
+    _clean_error(_test_py(data, tmp_path / "file"), "is a file")
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    _clean_error(_test_py(data, other), "not a test.py output folder")
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_two_trainings_into_one_run_folder_are_refused(data, tmp_path):
+    from fsmis.atomic import BusyError, exclusive_lock
+
+    run = tmp_path / "run"
+    with exclusive_lock(run, "run folder"):  # a training holding the folder
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+        proc = _run([ROOT / "train.py", "--config", _tiny_cfg(tmp_path, data), "--out", run, "--quiet", "--device",
+                     "cpu"], env=env)
+        _clean_error(proc, "in use by process")
+        with pytest.raises(BusyError):
+            with exclusive_lock(run, "run folder"):
+                pass
+    assert not (run / "checkpoints").exists()

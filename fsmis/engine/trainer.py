@@ -239,6 +239,16 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``max_steps`` (holding RUN_DIR/.lock on the main process: two trainings never
+        write into one run folder)."""
+        if not self.is_main:
+            return self._fit()
+        from ..atomic import exclusive_lock
+
+        with exclusive_lock(self.run_dir, "run folder"):
+            return self._fit()
+
+    def _fit(self) -> dict:
         from tqdm import tqdm
 
         cfg = self.cfg

@@ -45,6 +45,12 @@ class EpisodicMethod(Method):
         self.dataset = open_dataset(cfg.data.root)
         self.fold, self.train_cases, self.val_cases = fold_split(cfg, self.dataset)
         self.sampler = make_sampler(cfg, self.dataset, self.train_cases, self.normalization)
+        if self.val_cases:  # validation must not fail after the training steps
+            absent = [c for c in self.dataset.test_classes if len(self.dataset.class_slices(self.fold.support, c)) == 0]
+            if absent:
+                raise ValueError(f"{self.dataset.label_path(self.fold.support)}: the fold's support case "
+                                 f"{self.fold.support} has no {', '.join(absent)}: validation cannot pair it with "
+                                 "the validation cases (choose another fold protocol / supp_idx, or data.n_val=0)")
 
     def describe_data(self) -> list[tuple[str, str]]:
         f = self.fold
