@@ -89,6 +89,8 @@ def main(argv=None) -> int:
         return 2
     if args.method is None and args.checkpoint is None:
         parser.error("give --method (e.g. support-copy) or --checkpoint RUN_DIR")
+    if args.n_folds < 1 or args.n_part < 1:
+        parser.error(f"--n-folds ({args.n_folds}) and --n-part ({args.n_part}) must be >= 1")
     try:
         ds = open_dataset(args.data)
         training = None

@@ -236,3 +236,18 @@ def test_two_trainings_into_one_run_folder_are_refused(data, tmp_path):
             with exclusive_lock(run, "run folder"):
                 pass
     assert not (run / "checkpoints").exists()
+
+
+def test_a_non_nifti_image_in_a_dataset_names_its_file(data, tmp_path):
+    d = _dataset(tmp_path, data, {"background": 0, "liver": 6})
+    for n in ("image_1.nii.gz", "label_1.nii.gz"):
+        shutil.copy(data / n, d / n)
+    (d / "image_0.nii.gz").write_bytes(b"this is not a NIfTI file")
+    proc = _test_py(d, tmp_path / "o")
+    _clean_error(proc, "image_0.nii.gz")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra", [["--n-folds", "0"], ["--n-part", "0"]])
+def test_test_py_counts_must_be_positive(data, tmp_path, extra):
+    _clean_error(_test_py(data, tmp_path / "o", *extra), extra[0])

@@ -213,7 +213,11 @@ class FSMISDataset:
 
             affines, keys = {}, []
             for cid in self.case_ids:
-                aff = np.asarray(nib.load(str(self.image_path(cid))).affine, float)
+                try:
+                    aff = np.asarray(nib.load(str(self.image_path(cid))).affine, float)
+                except Exception as exc:
+                    raise DataError(f"{self.image_path(cid)}: not a readable NIfTI file ({type(exc).__name__}: "
+                                    f"{exc})") from None
                 if obliquity(aff) > OBLIQUE_DEGREES:
                     continue
                 key = tuple(map(tuple, nio.io_orientation(aff)))
