@@ -29,6 +29,9 @@ class ScanPrediction:
     out_path: Path | None
 
 
+MAX_RESAMPLE = 8.0  # a larger in-plane spacing ratio between query and support is a header error
+
+
 def parse_slices(text: str | None, n: int) -> tuple[int, int]:
     """``"Z0:Z1"`` (Python slice, stored indices, either end optional) -> (z0, z1)."""
     if not text:
@@ -77,6 +80,10 @@ def predict_scan(predictor: Predictor, support_image: str | Path, support_label:
     # in-plane: resample to the support's spacing, then centre crop / pad to its size
     rh = max(1, int(round(qh * qry.spacing[1] / sup.spacing[1]))) if match_spacing else qh
     rw = max(1, int(round(qw * qry.spacing[2] / sup.spacing[2]))) if match_spacing else qw
+    if max(rh / qh, rw / qw, qh / rh, qw / rw) > MAX_RESAMPLE:
+        raise DataError(f"{qry.path}: in-plane spacing {qry.spacing[1]:.4g} x {qry.spacing[2]:.4g} mm differs from the "
+                        f"support's ({sup.path.name}: {sup.spacing[1]:.4g} x {sup.spacing[2]:.4g} mm) by more than "
+                        f"{MAX_RESAMPLE}x: check the headers, or use --as-stored to keep the stored grid")
     q_arr = qry.array if (rh, rw) == (qh, qw) else resize_image(qry.array, (rh, rw))
     q_arr, offset = crop_or_pad(q_arr, (sh, sw), fill=float(qry.array.min()))
 

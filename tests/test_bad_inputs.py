@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -251,3 +252,18 @@ def test_a_non_nifti_image_in_a_dataset_names_its_file(data, tmp_path):
 @pytest.mark.parametrize("extra", [["--n-folds", "0"], ["--n-part", "0"]])
 def test_test_py_counts_must_be_positive(data, tmp_path, extra):
     _clean_error(_test_py(data, tmp_path / "o", *extra), extra[0])
+
+
+def test_predict_refuses_a_query_spacing_far_off_the_supports(data, tmp_path):
+    import nibabel as nib
+
+    img = nib.load(str(data / "image_1.nii.gz"))
+    aff = img.affine.copy()
+    aff[:3, :2] *= 50.0  # in-plane voxel size 50x off (a header error)
+    q = tmp_path / "q.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), str(q))
+    proc = _run([ROOT / "tools" / "predict.py", "--method", "support-copy", "--support-image", data / "image_0.nii.gz",
+                 "--support-label", data / "label_0.nii.gz", "--label", "6", "--query-image", q,
+                 "--out", tmp_path / "p.nii.gz"])
+    _clean_error(proc, "q.nii.gz", "spacing")
+    assert not (tmp_path / "p.nii.gz").exists()
