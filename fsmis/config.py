@@ -229,8 +229,8 @@ def check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r}: must be {what}")
 
 
-def config_diff(a: Config, b: Config) -> list[str]:
-    """Keys whose values differ between two configs: ["train.lr: 0.0001 vs 0.05", ...]."""
+def differing_keys(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) for every dotted key whose value differs, sorted by key."""
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
@@ -240,7 +240,12 @@ def config_diff(a: Config, b: Config) -> list[str]:
                 out[prefix + k] = v
         return out
     fa, fb = flat(a.to_dict()), flat(b.to_dict())
-    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def config_diff(a: Config, b: Config) -> list[str]:
+    """Keys whose values differ between two configs: ["train.lr: 0.0001 vs 0.05", ...]."""
+    return [f"{k}: {va!r} vs {vb!r}" for k, va, vb in differing_keys(a, b)]
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

@@ -17,13 +17,12 @@ would be randomly initialised (no weight file and no ``frozen.safetensors``) is 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, differing_keys, load_config
 from . import checkpoints as ck
 from .method import method_class
 
@@ -48,19 +47,10 @@ def _short(v, n: int = 60) -> str:
 
 def config_conflicts(run_cfg: Config, other: Config) -> list[str]:
     """Model-defining settings where ``other`` differs from the run: ["model.vae_path: run 'a', config None", ...]."""
-    out = []
     if run_cfg.method != other.method:
-        out.append(f"method: run {run_cfg.method!r}, config {other.method!r}")
-        return out
-    a, b = dataclasses.asdict(run_cfg.model), dataclasses.asdict(other.model)
-    for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k):
-            out.append(f"model.{k}: run {_short(a.get(k))}, config {_short(b.get(k))}")
-    for k in ("image_size",):
-        va, vb = getattr(run_cfg.data, k, None), getattr(other.data, k, None)
-        if va != vb:
-            out.append(f"data.{k}: run {va!r}, config {vb!r}")
-    return out
+        return [f"method: run {run_cfg.method!r}, config {other.method!r}"]
+    return [f"{k}: run {_short(va)}, config {_short(vb)}" for k, va, vb in differing_keys(run_cfg, other)
+            if k.startswith("model.") or k == "data.image_size"]
 
 
 @dataclass
