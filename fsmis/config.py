@@ -54,6 +54,7 @@ class TrainConfig:
     schedule: str = "linear"  # linear (decay to 0, released) | warmup_cosine | constant
     warmup_steps: int = 0  # warmup_cosine: linear warm-up over this many steps
     final_lr_ratio: float = 0.05  # warmup_cosine: the learning rate ends at this fraction of its peak
+    fg_weight: float = 1.0  # SD-FSMIS latent MSE: weight of latent cells under the query mask (1: plain MSE, released)
 
 
 @dataclass
@@ -205,6 +206,9 @@ _RANGES = {  # key: (test, what it must be)
     "train.log_every": (lambda v: v >= 1, ">= 1"), "train.image_every": (lambda v: v >= 0, ">= 0 (0: off)"),
     "train.keep_last": (lambda v: v >= 0, ">= 0"), "train.warmup_steps": (lambda v: v >= 0, ">= 0"),
     "train.final_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "train.fg_weight": (lambda v: v > 0, "> 0 (1: plain MSE)"),
+    "model.threshold_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.threshold_floor": (lambda v: 0 <= v < 1, "in [0, 1) (0: none)"),
     "train.precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
     "train.schedule": (lambda v: v in ("linear", "constant", "warmup_cosine"), "linear, constant or warmup_cosine"),
     "eval.chunk_batch": (lambda v: v >= 1, ">= 1"), "eval.support": (lambda v: v in ("1shot", "3shot"), "1shot or 3shot"),

@@ -572,6 +572,31 @@ def test_loss_is_mse_to_negated_query_mask_latent(model):
     torch.testing.assert_close(loss, ((out + q_msk) ** 2).mean(), rtol=1e-5, atol=1e-7)
 
 
+def test_fg_weighted_loss_weighs_latent_cells_under_the_query_mask(model):
+    from fsmis.models.sd_fsmis import weighted_latent_mse
+
+    batch = fixed_batch(seed=7)
+    with torch.no_grad():
+        plain = model.loss(batch, generator=torch.Generator().manual_seed(0))
+        # fg_weight 1 is the released plain MSE, bit for bit, through both code paths
+        assert model.loss(batch, generator=torch.Generator().manual_seed(0), fg_weight=1.0).item() == plain.item()
+        out = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+        target = torch.zeros_like(out)
+        masks = torch.zeros(2, 1, 16, 16)
+        masks[0, 0, 0, 0] = 1  # one pixel: its 4 x 4 footprint is latent cell (0, 0) of episode 0
+        torch.testing.assert_close(weighted_latent_mse(out, target, masks, 1.0), (out ** 2).mean())
+        w = torch.ones(2, 1, 4, 4)
+        w[0, 0, 0, 0] = 10.0
+        expected = ((out ** 2) * w).sum() / (w.sum() * 4)
+        torch.testing.assert_close(weighted_latent_mse(out, target, masks, 10.0), expected)
+        # the weight moves the loss toward the foreground cell's error
+        se_fg = (out[0, :, 0, 0] ** 2).mean()
+        big = weighted_latent_mse(out, target, masks, 1e6)
+        torch.testing.assert_close(big, se_fg, rtol=1e-3, atol=1e-6)
+        weighted = model.loss(batch, generator=torch.Generator().manual_seed(0), fg_weight=5.0)
+    assert torch.isfinite(weighted) and weighted.item() != plain.item()
+
+
 def test_gradients_flow_through_the_support_pass():
     model = make_model(4).train()
     loss = model.loss(fixed_batch(seed=3), generator=torch.Generator().manual_seed(0))
@@ -649,6 +674,16 @@ def test_postprocess_threshold_is_relative_to_the_chunk_maximum():
     assert out[1, 4:7, 4:7].all()
     # an all-zero chunk gives empty masks
     assert not postprocess(np.zeros((3, 5, 5), np.float32)).any()
+
+
+def test_postprocess_absolute_floor_under_the_relative_threshold():
+    prob = np.full((2, 10, 10), 0.02, np.float32)
+    prob[0, 3:5, 3:5] = 0.05  # a flat output: its relative threshold (0.25 x 0.05) keeps specks
+    assert postprocess(prob).any()  # released behaviour: no floor
+    assert not postprocess(prob, threshold_floor=0.1).any()  # a floor above the maximum: nothing
+    prob[1, 2:6, 2:6] = 0.9  # a confident region: the floor below 0.25 x max changes nothing
+    np.testing.assert_array_equal(postprocess(prob, threshold_floor=0.1), postprocess(prob))
+    np.testing.assert_array_equal(postprocess(prob, threshold_floor=0.5, largest_component=False), prob > 0.5)
 
 
 def test_postprocess_largest_8_connected_component_per_slice():

@@ -64,7 +64,7 @@ class SDFSMISMethod(EpisodicMethod):
         posteriors = None
         if self.latent_cache is not None:
             posteriors = self.latent_cache.batch_posteriors(batch, episodes)
-        return self.module.loss(batch, generator, posteriors)
+        return self.module.loss(batch, generator, posteriors, fg_weight=self.cfg.train.fg_weight)
 
     def trained_state(self) -> dict:
         return self.module.trainable_state_dict()
@@ -107,6 +107,7 @@ class SDFSMISPredictor(Predictor):
     def describe(self) -> dict:
         return {"method": self.name, "normalization": self.normalization, "checkpoint": self.checkpoint,
                 "image_size": self.cfg.data.image_size, "threshold_ratio": self.cfg.model.threshold_ratio,
+                "threshold_floor": self.cfg.model.threshold_floor,
                 "largest_component": self.cfg.model.largest_component, "config_name": self.cfg.name}
 
     def model_inputs(self, support_images, support_masks, query_images):
@@ -136,7 +137,8 @@ class SDFSMISPredictor(Predictor):
         if prob.shape[-2:] != (h, w):
             prob = F.interpolate(torch.from_numpy(prob)[:, None], size=(h, w), mode="bilinear",
                                  align_corners=False)[:, 0].numpy()
-        return postprocess(prob, self.cfg.model.threshold_ratio, self.cfg.model.largest_component).astype(np.uint8)
+        return postprocess(prob, self.cfg.model.threshold_ratio, self.cfg.model.largest_component,
+                           self.cfg.model.threshold_floor).astype(np.uint8)
 
 
 __all__ = ["SDFSMISMethod", "SDFSMISPredictor"]

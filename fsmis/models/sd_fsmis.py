@@ -9,8 +9,8 @@ Data path of one batch of B episodes with K support shots and Q queries each:
   v-prediction reduces to this); loss = MSE(output, -z_query_mask) in fp32.
 
 Inference decodes z_mask with the VAE, averages (x+1)/2 over the 3 channels, thresholds at
-``threshold_ratio`` × the maximum over the chunk and keeps the largest 8-connected
-component per slice.
+``threshold_ratio`` × the maximum over the chunk (never below ``threshold_floor``, 0 by default)
+and keeps the largest 8-connected component per slice.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class SDFSMISConfig:
     qe_threshold: float = 0.7
     qe_topk_ratio: float = 0.1875
     threshold_ratio: float = 0.25
+    threshold_floor: float = 0.0  # absolute probability floor under the relative threshold; 0: none (released)
     largest_component: bool = True
 
 
@@ -163,13 +164,18 @@ class SDFSMIS(nn.Module):
             bank.clear()
         return out
 
-    def loss(self, batch: Batch, generator: torch.Generator | None = None, posteriors=None) -> torch.Tensor:
+    def loss(self, batch: Batch, generator: torch.Generator | None = None, posteriors=None,
+             fg_weight: float = 1.0) -> torch.Tensor:
         """MSE of the UNet output against the negated query-mask latent (posterior samples).
 
         ``posteriors``: optional VAE posterior parameters of (support images, support masks,
         query images, query masks), e.g. from a :class:`~fsmis.engine.latent_cache.LatentCache`;
         without them the four groups are encoded here. The samples are drawn from ``generator``
-        in the same order either way."""
+        in the same order either way.
+
+        ``fg_weight`` (``train.fg_weight``; 1 = the released plain MSE): latent cells whose
+        footprint holds any query-mask foreground (max-pooled to the latent grid) weigh
+        ``fg_weight``, the others 1, and the loss is the weighted mean (see :func:`weighted_latent_mse`)."""
         if posteriors is None:
             posteriors = (self.encode_posterior(batch.support_images),
                           self.encode_posterior(batch.support_masks * 2 - 1),
@@ -178,7 +184,9 @@ class SDFSMIS(nn.Module):
         s_img, s_msk, q_img, q_msk = (self.latents_from_posterior(p, True, generator) for p in posteriors)
         out = self.forward_latents(s_img, s_msk, q_img, batch.support_images, batch.support_masks,
                                    batch.n_shot, batch.queries_per_episode)
-        return F.mse_loss(out.float(), -q_msk.float())
+        if fg_weight == 1.0:
+            return F.mse_loss(out.float(), -q_msk.float())
+        return weighted_latent_mse(out, -q_msk, batch.query_masks, fg_weight)
 
     @torch.no_grad()
     def predict_probability(self, batch: Batch) -> torch.Tensor:
@@ -190,13 +198,29 @@ class SDFSMIS(nn.Module):
         return self.decode_probability(-out)
 
 
-def postprocess(prob: np.ndarray, threshold_ratio: float = 0.25, largest_component: bool = True) -> np.ndarray:
-    """[Q, H, W] probabilities of one chunk -> masks: threshold at ratio × chunk maximum, then the
-    largest 8-connected component per slice."""
+def weighted_latent_mse(out: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, fg_weight: float) -> torch.Tensor:
+    """Weighted mean of the squared error over [B, C, h, w] latents: a cell weighs ``fg_weight``
+    where the [B, 1, H, W] mask has foreground anywhere in its footprint, else 1. With
+    ``fg_weight=1`` this is exactly the plain MSE."""
+    fg = F.adaptive_max_pool2d(masks.float(), out.shape[-2:]) > 0.5
+    w = torch.where(fg, torch.as_tensor(float(fg_weight), device=out.device), torch.ones((), device=out.device))
+    se = (out.float() - target.float()) ** 2
+    return (se * w).sum() / (w.sum() * out.shape[1])
+
+
+def postprocess(prob: np.ndarray, threshold_ratio: float = 0.25, largest_component: bool = True,
+                threshold_floor: float = 0.0) -> np.ndarray:
+    """[Q, H, W] probabilities of one chunk -> masks: threshold at ratio × chunk maximum (and at
+    least ``threshold_floor``, an absolute probability; 0 = none, released), then the largest
+    8-connected component per slice. With a floor, a flat output (maximum below the floor)
+    predicts nothing instead of its specks."""
     from scipy import ndimage as ndi
 
     prob = np.asarray(prob, dtype=np.float32)
-    mask = prob > threshold_ratio * float(prob.max()) if prob.size and prob.max() > 0 else np.zeros(prob.shape, bool)
+    if prob.size and prob.max() > 0:
+        mask = prob > max(threshold_ratio * float(prob.max()), float(threshold_floor))
+    else:
+        mask = np.zeros(prob.shape, bool)
     if largest_component:
         structure = np.ones((3, 3), bool)
         for i in range(mask.shape[0]):
