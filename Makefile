@@ -5,9 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 DEMO_DIR ?= results/demo
 DEMO_DATA ?= datasets/phantom
+DEMO_CMR_DIR ?= results/demo-cmr
+DATA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo demo-cmr demo-cmr-data test clean-demo
 
 install: $(STAMP)
 
@@ -22,6 +24,14 @@ $(STAMP): setup.py
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py --data $(DEMO_DATA) --out $(DEMO_DIR)
+
+# the demo recipe on the real Card-MRI: DATA = the published folder (cmr_MR_normalized/ and
+# supervoxels_1000/) or a folder holding it
+demo-cmr: demo-cmr-data $(STAMP)
+	$(BIN)/python tools/demo_cmr.py --data "$(DATA)" --out $(DEMO_CMR_DIR)
+
+demo-cmr-data:
+	@test -n "$(DATA)" || { echo "usage: make demo-cmr DATA=<folder of cmr_MR_normalized>" >&2; exit 2; }
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests $(PYTEST_ARGS)

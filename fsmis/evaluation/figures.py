@@ -81,3 +81,37 @@ def example_rows(dataset, predictor, fold_result: dict, classes, normalize) -> l
                      "pred": (pred > 0.5).astype(float), "gt": (q.label[z] == cid).astype(float),
                      "label": f"{cls}\nsupport {sup_id}:{s} query {q_id}:{z}"})
     return rows
+
+
+def validation_curve(curves: dict[str, list[dict]], path: str | Path, title: str | None = None,
+                     baseline: float | None = None, baseline_label: str = "support-copy") -> Path:
+    """Validation Dice against training step, one line per run: ``curves`` maps a label to a
+    training history (``[{"step": s, "val_dice": d}, ...]``, as in ``train_summary.json``).
+    An optional horizontal ``baseline`` (a Dice in [0, 1]) is drawn dashed. Written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for label, history in curves.items():
+        pts = [(h["step"], h["val_dice"]) for h in history if h.get("val_dice") is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", c="gray", lw=1, label=baseline_label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    if curves or baseline is not None:
+        ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    try:
+        with atomic_target(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)
