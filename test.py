@@ -120,7 +120,8 @@ def main(argv=None) -> int:
               f"{len(folds)} fold(s): " + "; ".join(f"support {f.support} -> {len(f.queries)} queries" for f in folds))
         from fsmis.atomic import atomic_directory, exclusive_lock
 
-        with exclusive_lock(out.parent, "output folder", out.parent / f".{out.name}.lock"):
+        with exclusive_lock(out, "output folder", out.parent / f".{out.name}.lock"):
+            remove_debris(out)
             results = ev.run()
             if training is not None:
                 results["training"] = training
@@ -158,6 +159,16 @@ def check_output_folder(out: Path) -> None:
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise ValueError(f"--out {out}: {parent} is not writable")
+
+
+def remove_debris(out: Path) -> None:
+    """Remove what a killed earlier run into ``out`` left beside it (its hidden temporary folder,
+    or the previous output renamed aside for the swap); called while holding the lock of ``out``."""
+    import shutil
+
+    for p in [*out.parent.glob(f".tmp-{out.name}-*"), *out.parent.glob(f".old-{out.name}-*")]:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def training_protocol(run, ds, args) -> dict:

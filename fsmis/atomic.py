@@ -87,29 +87,45 @@ def atomic_directory(path: str | Path):
 def exclusive_lock(folder: str | Path, what: str = "folder", lock_file: str | Path | None = None):
     """Hold ``folder/.lock`` (or ``lock_file``; an advisory ``flock``) for the duration; a second
     process that tries gets a clear error instead of writing into the same folder. The lock goes
-    with the process; a ``lock_file`` given here is removed on release."""
+    with the process; a ``lock_file`` given here is removed on release (also after an error or
+    Ctrl-C; a killed process leaves it, unlocked, for the next one to take)."""
     import fcntl
 
     folder = Path(folder)
     path = Path(lock_file) if lock_file is not None else folder / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+", encoding="utf-8")
-    try:
+    while True:
+        fh = open(path, "a+", encoding="utf-8")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
+            fh.close()
             raise BusyError(f"{folder}: this {what} is in use by {holder}; wait for it to finish or use another "
                             "folder") from None
+        except BaseException:
+            fh.close()
+            raise
+        # a holder that removes its lock file on release may have done so between our open and
+        # flock: then the lock is on a file nobody else sees; take the one now at ``path``
+        try:
+            here = os.stat(path)
+            mine = os.fstat(fh.fileno())
+            if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()
+    try:
         fh.seek(0)
         fh.truncate()
         fh.write(f"process {os.getpid()}\n")
         fh.flush()
         yield path
-        if lock_file is not None:
-            path.unlink(missing_ok=True)
     finally:
+        if lock_file is not None:  # removed while still held, also when the work failed
+            path.unlink(missing_ok=True)
         fh.close()
 
 

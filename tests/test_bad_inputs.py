@@ -267,3 +267,66 @@ def test_predict_refuses_a_query_spacing_far_off_the_supports(data, tmp_path):
                  "--out", tmp_path / "p.nii.gz"])
     _clean_error(proc, "q.nii.gz", "spacing")
     assert not (tmp_path / "p.nii.gz").exists()
+
+
+# -- label values --------------------------------------------------------------------------------
+def _copy_data(data, dest):
+    shutil.copytree(data, dest)
+    return dest
+
+
+def _rewrite(path, change):
+    """Replace the voxels of a NIfTI file by ``change(array)`` (same affine)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    arr = change(np.asarray(img.dataobj))
+    nib.save(nib.Nifti1Image(arr, img.affine), str(path))
+
+
+def _set_voxel(value, dtype):
+    def change(a):
+        a = a.astype(dtype)
+        a.flat[0] = value
+        return a
+    return change
+
+
+BAD_LABEL_VALUES = {"negative": (_set_voxel(-1, np.int16), "negative"),
+                    "negative-float": (_set_voxel(-3.0, np.float32), "negative"),
+                    "non-integer": (_set_voxel(2.5, np.float32), "non-integer")}
+
+
+@pytest.mark.parametrize("kind", BAD_LABEL_VALUES)
+def test_a_bad_label_value_is_refused_by_the_dataset(data, tmp_path, kind):
+    change, match = BAD_LABEL_VALUES[kind]
+    d = _copy_data(data, tmp_path / "ds")
+    _rewrite(d / "label_2.nii.gz", change)
+    ds = open_dataset(d)
+    ds.load_case("1")  # the other cases are fine
+    with pytest.raises(DataError, match=match) as err:
+        ds.load_case("2")
+    assert "label_2.nii.gz" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", BAD_LABEL_VALUES)
+def test_a_bad_label_value_stops_test_py_naming_the_file(data, tmp_path, kind):
+    change, match = BAD_LABEL_VALUES[kind]
+    d = _copy_data(data, tmp_path / "ds")
+    _rewrite(d / "label_2.nii.gz", change)
+    _clean_error(_test_py(d, tmp_path / "o"), "label_2.nii.gz", match)
+    assert not (tmp_path / "o").exists()
+    assert not list(tmp_path.glob(".*"))  # no temporary folder or lock file left
+
+
+@pytest.mark.parametrize("kind", BAD_LABEL_VALUES)
+def test_a_bad_support_label_value_stops_predict_naming_the_file(data, tmp_path, kind):
+    change, match = BAD_LABEL_VALUES[kind]
+    bad = tmp_path / "sup_label.nii.gz"
+    shutil.copy(data / "label_0.nii.gz", bad)
+    _rewrite(bad, change)
+    proc = _run([ROOT / "tools" / "predict.py", "--method", "support-copy", "--support-image", data / "image_0.nii.gz",
+                 "--support-label", bad, "--label", "6", "--query-image", data / "image_1.nii.gz",
+                 "--out", tmp_path / "out" / "p.nii.gz"])
+    _clean_error(proc, "sup_label.nii.gz", match)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

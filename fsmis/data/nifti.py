@@ -169,18 +169,26 @@ def load_volume(
 
 
 def as_label_array(data: np.ndarray, path: Path | str) -> np.ndarray:
-    """Integer label map; refuses non-integer or non-finite values, naming the file."""
+    """Integer label map of ids >= 0; refuses non-integer, negative or non-finite values and ids
+    beyond int32, naming the file."""
     data = np.asarray(data)
     if np.issubdtype(data.dtype, np.integer):
-        return data.astype(np.int32)
-    if not np.all(np.isfinite(data)):
-        raise DataError(f"{path}: label map contains NaN or infinite values")
-    rounded = np.rint(data)
-    bad = np.abs(data - rounded) > 1e-3
-    if bad.any():
-        vals = np.unique(data[bad])[:5]
-        raise DataError(f"{path}: label map has non-integer values (e.g. {', '.join(f'{v:g}' for v in vals)})")
-    return rounded.astype(np.int32)
+        values = data
+    else:
+        if not np.all(np.isfinite(data)):
+            raise DataError(f"{path}: label map contains NaN or infinite values")
+        values = np.rint(data)
+        bad = np.abs(data - values) > 1e-3
+        if bad.any():
+            vals = np.unique(data[bad])[:5]
+            raise DataError(f"{path}: label map has non-integer values (e.g. {', '.join(f'{v:g}' for v in vals)})")
+    if values.size and values.min() < 0:
+        vals = np.unique(values[values < 0])[:5]
+        raise DataError(f"{path}: label map has negative values (e.g. {', '.join(f'{v:g}' for v in vals)}); "
+                        "label ids must be >= 0")
+    if values.size and values.max() > np.iinfo(np.int32).max:
+        raise DataError(f"{path}: label map has ids beyond {np.iinfo(np.int32).max} (e.g. {values.max():g})")
+    return values.astype(np.int32)
 
 
 def check_pair(image: Volume, label: Volume) -> None:

@@ -144,7 +144,19 @@ class Trainer:
         return self
 
     def resume(self) -> int:
-        ck.clean_partial(self.run_dir)
+        """Load the newest complete checkpoint of the run folder (holding RUN_DIR/.lock on the main
+        process, so a second training cannot remove a checkpoint the first is writing); returns
+        its step (0: nothing to resume)."""
+        if not (self.is_main and self.run_dir.is_dir()):
+            return self._resume()
+        from ..atomic import exclusive_lock
+
+        with exclusive_lock(self.run_dir, "run folder"):
+            return self._resume()
+
+    def _resume(self) -> int:
+        if self.is_main:
+            ck.clean_partial(self.run_dir)
         step_dir = ck.last_complete(self.run_dir)
         if step_dir is None:
             return 0
