@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,19 +17,10 @@ from fsmis.data.nifti import DataError
 from fsmis.data.phantom import make_phantom_dataset
 from fsmis.engine import checkpoints as ck
 from fsmis.engine.trainer import Trainer
+from _cli import clean_error as _clean_error
+from _cli import run as _run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(args, **kw):
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, **kw)
-
-
-def _clean_error(proc, *names):
-    assert proc.returncode == 2, proc.stderr[-1500:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-1500:]
-    for n in names:
-        assert str(n) in proc.stderr, (n, proc.stderr[-1500:])
 
 
 @pytest.fixture(scope="module")

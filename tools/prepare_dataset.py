@@ -76,6 +76,13 @@ def main(argv=None) -> int:
     from fsmis.data.nifti import DataError
 
     if args.verify is not None:
+        if not args.verify.is_dir():
+            print(f"error: --verify {args.verify}: not a folder", file=sys.stderr)
+            return 2
+        if not (args.verify / "checksums.sha256").is_file():
+            print(f"error: --verify {args.verify}: no checksums.sha256 (not a folder this tool prepared)",
+                  file=sys.stderr)
+            return 2
         problems = prep.verify_checksums(args.verify)
         if problems:
             for line in problems:

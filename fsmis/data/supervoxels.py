@@ -557,6 +557,8 @@ def make_dataset_supervoxels(
     output does not depend on it; memory per worker: docs/measurements/supervoxels.md). The first
     error stops the run and is raised as :class:`fsmis.data.nifti.DataError` naming the image.
     """
+    from .nifti import DataError
+
     plan = plan_dataset_supervoxels(data_dir, mode, min_size, sigma, scale)
     ds, out_dir = plan.dataset, plan.out_dir
     if workers is not None:
@@ -572,13 +574,40 @@ def make_dataset_supervoxels(
     else:
         params = dict(min_size=plan.min_size, sigma=plan.sigma, scale=plan.scale,
                       body_threshold=body_threshold)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder; the {out_dir.name} output folder goes there "
+                        "(move the file away)")
     jobs = []
     for cid in plan.case_ids:
         out_path = out_dir / f"superpix-MIDDLE_{cid}.nii.gz"
         if overwrite or not out_path.exists():
             jobs.append((Path(ds.image_path(cid)), out_path))
-    map_cases(lambda job: _write_case(*job, plan.mode, params), jobs, workers,
-              desc=f"{ds.name} {out_dir.name}", progress=progress, done=len(plan.case_ids) - len(jobs),
-              thread_prefix="supervoxels")
+    for image_path, _ in jobs:  # before any work: every image to compute opens as a 3D NIfTI
+        check_nifti_header(image_path)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        map_cases(lambda job: _write_case(*job, plan.mode, params), jobs, workers,
+                  desc=f"{ds.name} {out_dir.name}", progress=progress, done=len(plan.case_ids) - len(jobs),
+                  thread_prefix="supervoxels")
+    except BaseException:
+        # each file is written atomically (finished cases stay, a re-run skips them); a folder this
+        # run created and left empty is removed
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     return out_dir
+
+
+def check_nifti_header(path: Path) -> None:
+    """A cheap check (header only) that ``path`` is a NIfTI file of one 3D volume; DataError naming it."""
+    import nibabel as nib
+
+    from .nifti import DataError
+
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception as exc:
+        raise DataError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from None
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        raise DataError(f"{path}: expected a 3D volume, found shape {tuple(shape)}")

@@ -420,6 +420,9 @@ def plan_preparation(dataset: str, raw, out, sequence: str = "C0", cases=None, s
         raise ValueError(f"unknown {recipe.benchmark} sequence {sequence!r} "
                          f"(choose from {', '.join(recipe.sequences)})")
     raw, out = Path(raw), Path(out)
+    if raw.is_dir() and (out.resolve() == raw.resolve() or raw.resolve() in out.resolve().parents):
+        raise ValueError(f"--out {out} is the raw folder --raw {raw} or inside it (the raw folder is searched "
+                         "recursively, and the raw download is kept as it is): choose an output folder outside it")
     found = find_raw_cases(dataset, raw, sequence)
     if cases:
         wanted = [str(c) for c in cases]
@@ -672,6 +675,24 @@ def prepare_dataset(plan_or_dataset, raw=None, out=None, *, sequence: str = "C0"
         for p in list(_our_files(plan.image_dir, plan.out)):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         plan.done = []
+    # what this run creates, removed again if it fails before any case is finished
+    created = [d for d in (plan.out, plan.image_dir, plan.supervoxel_dir if plan.supervoxels else None)
+               if d is not None and not d.exists()]
+    had_meta = (plan.image_dir / "dataset.json").is_file()
+    try:
+        _prepare(plan, min_inside, workers, progress)
+    except BaseException:
+        if not any(plan.image_dir.glob("image_*.nii.gz")):
+            if not had_meta:
+                (plan.image_dir / "dataset.json").unlink(missing_ok=True)
+            for d in reversed(created):  # innermost first; only folders left empty
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+        raise
+    return plan.out
+
+
+def _prepare(plan: PreparationPlan, min_inside: float, workers: int, progress: bool) -> None:
     plan.image_dir.mkdir(parents=True, exist_ok=True)
     if plan.supervoxels:
         plan.supervoxel_dir.mkdir(parents=True, exist_ok=True)
@@ -690,4 +711,3 @@ def prepare_dataset(plan_or_dataset, raw=None, out=None, *, sequence: str = "C0"
     write_classmap(plan)
     write_report(plan)
     write_checksums(plan.out, plan.image_dir, plan.supervoxel_dir)  # whatever supervoxels are there
-    return plan.out
