@@ -62,6 +62,7 @@ def atomic_directory(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    old = path.parent / f".old-{path.name}-{os.getpid()}-{time.time_ns()}"
     try:
         yield tmp
         mode = default_file_mode()
@@ -71,16 +72,15 @@ def atomic_directory(path: str | Path):
                     os.fsync(fh.fileno())
                 os.chmod(f, mode)
         os.chmod(tmp, 0o777 & ~_umask())
-        old = None
         if path.exists():
-            old = path.parent / f".old-{path.name}-{os.getpid()}-{time.time_ns()}"
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not os.path.lexists(path):  # interrupted between the two renames
+            os.replace(old, path)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 that map [support image | support mask | query image] to the query mask."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from fsmis.methods.episodic import EpisodicMethod
 @dataclass
 class TinyConfig:
     width: int = 8
+    delay: float = 0.0  # seconds of sleep per loss / prediction call (tests that stop a run midway)
 
 
 class TinyNet(nn.Module):
@@ -42,22 +44,26 @@ class TinySegmenter(EpisodicMethod):
         return collate(episodes, self.cfg.data.image_size).to(self.device)
 
     def loss(self, b, generator):
+        if self.cfg.model.delay:
+            time.sleep(self.cfg.model.delay)
         logits = self.module(b.support_images, b.support_masks, b.query_images)
         return F.binary_cross_entropy_with_logits(logits, b.query_masks)
 
     def predictor(self, checkpoint=None):
-        return TinyPredictor(self.module, self.cfg.data.image_size, self.device)
+        return TinyPredictor(self.module, self.cfg.data.image_size, self.device, self.cfg.model.delay)
 
 
 class TinyPredictor(Predictor):
     name = "tiny"
     normalization = "minmax"
 
-    def __init__(self, net, size, device):
-        self.net, self.size, self.device = net, size, device
+    def __init__(self, net, size, device, delay=0.0):
+        self.net, self.size, self.device, self.delay = net, size, device, delay
 
     @torch.no_grad()
     def predict(self, support_images, support_masks, query_images):
+        if self.delay:
+            time.sleep(self.delay)
         q, h, w = query_images.shape
         s_img = slices_to_model(support_images[:1], self.size, "image", self.device).expand(q, -1, -1, -1)
         s_msk = slices_to_model(support_masks[:1], self.size, "mask", self.device).expand(q, -1, -1, -1)
