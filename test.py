@@ -91,6 +91,10 @@ def main(argv=None) -> int:
         parser.error("give --method (e.g. support-copy) or --checkpoint RUN_DIR")
     if args.n_folds < 1 or args.n_part < 1:
         parser.error(f"--n-folds ({args.n_folds}) and --n-part ({args.n_part}) must be >= 1")
+    bad_folds = [k for k in args.folds or [] if not 0 <= k < args.n_folds]
+    if bad_folds:
+        parser.error(f"--folds {' '.join(map(str, bad_folds))}: out of range 0..{args.n_folds - 1} "
+                     f"(--n-folds {args.n_folds})")
     try:
         ds = open_dataset(args.data)
         training = None

@@ -320,3 +320,161 @@ def test_a_bad_support_label_value_stops_predict_naming_the_file(data, tmp_path,
                  "--out", tmp_path / "out" / "p.nii.gz"])
     _clean_error(proc, "sup_label.nii.gz", match)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+# -- classic bad inputs, for each tool they apply to ----------------------------------------------
+def _truncate(path):
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # the header reads, the voxels do not
+
+
+def _set_first(value):
+    def change(a):
+        a = a.astype(np.float32)
+        a.flat[5] = value
+        return a
+    return change
+
+
+def _shifted(path):
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    aff = img.affine.copy()
+    aff[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), str(path))
+
+
+def _edit_json(drop):
+    def change(d):
+        info = json.loads((d / "dataset.json").read_text())
+        del info[drop]
+        (d / "dataset.json").write_text(json.dumps(info))
+    return change
+
+
+def _set_json(key, value):
+    def change(d):
+        info = json.loads((d / "dataset.json").read_text())
+        info[key] = value
+        (d / "dataset.json").write_text(json.dumps(info))
+    return change
+
+
+def _empty(d):
+    shutil.rmtree(d)
+    d.mkdir()
+
+
+def _both(change):
+    def both(d):
+        _rewrite(d / "image_2.nii.gz", change)
+        _rewrite(d / "label_2.nii.gz", change)
+    return both
+
+
+DATASET_FAULTS = {
+    # name: (change to a copy d of the dataset, the file the message names, words it contains)
+    "missing image": (lambda d: (d / "image_2.nii.gz").unlink(), "label_2.nii.gz", "no image_2.nii.gz"),
+    "missing label": (lambda d: (d / "label_2.nii.gz").unlink(), "label_2.nii.gz", "not found"),
+    "truncated image": (lambda d: _truncate(d / "image_2.nii.gz"), "image_2.nii.gz", "NIfTI"),
+    "truncated label": (lambda d: _truncate(d / "label_2.nii.gz"), "label_2.nii.gz", "NIfTI"),
+    "text file as image": (lambda d: (d / "image_2.nii.gz").write_text("not NIfTI\n"), "image_2.nii.gz", "NIfTI"),
+    "shape mismatch": (lambda d: _rewrite(d / "label_2.nii.gz", lambda a: a[:, :, :-1]), "label_2.nii.gz", "shape"),
+    "affine mismatch": (lambda d: _shifted(d / "label_2.nii.gz"), "label_2.nii.gz", "geometry differs"),
+    "NaN in image": (lambda d: _rewrite(d / "image_2.nii.gz", _set_first(np.nan)), "image_2.nii.gz", "NaN"),
+    "inf in image": (lambda d: _rewrite(d / "image_2.nii.gz", _set_first(np.inf)), "image_2.nii.gz", "infinite"),
+    "2D image": (_both(lambda a: a[:, :, 0]), "image_2.nii.gz", "3D volume"),
+    "4D image": (_both(lambda a: np.stack([a, a], -1)), "image_2.nii.gz", "3D volume"),
+    "test label id not listed": (_set_json("test_labels", [6, 42]), "dataset.json", "test label id 42"),
+    "empty folder": (_empty, "", "not a dataset root"),
+    "dataset.json not JSON": (lambda d: (d / "dataset.json").write_text("{not json"), "dataset.json", "invalid JSON"),
+    "dataset.json without labels": (_edit_json("labels"), "dataset.json", "'labels'"),
+    "dataset.json without name": (_edit_json("name"), "dataset.json", "'name'"),
+}
+
+
+@pytest.mark.parametrize("tool", ["test.py", "train.py"])
+@pytest.mark.parametrize("fault", DATASET_FAULTS)
+def test_a_bad_dataset_stops_the_tool_naming_the_file(data, tmp_path, fault, tool):
+    change, name, words = DATASET_FAULTS[fault]
+    d = _copy_data(data, tmp_path / "ds")
+    change(d)
+    if tool == "test.py":
+        proc, out = _test_py(d, tmp_path / "o"), tmp_path / "o"
+    else:
+        out = tmp_path / "run"
+        proc = _run([ROOT / "train.py", "--config", _tiny_cfg(tmp_path, d), "--out", out, "--quiet", "--device",
+                     "cpu"])
+    _clean_error(proc, d / name, words)
+    assert not out.exists()  # no run folder, no output folder
+    assert not list(tmp_path.glob(".*"))  # no temporary folder or lock file beside it
+
+
+def _pair(data, tmp_path, which, change):
+    """Copies of case 2's image and label (support) and case 1's image (query), one of them changed."""
+    files = {"support-image": data / "image_2.nii.gz", "support-label": data / "label_2.nii.gz",
+             "query-image": data / "image_1.nii.gz"}
+    if which is not None:
+        bad = tmp_path / f"bad_{which}.nii.gz"
+        shutil.copy(files[which], bad)
+        change(bad)
+        files[which] = bad
+    return files
+
+
+PREDICT_FAULTS = {
+    # name: (which file is changed, how, words in the message besides its name)
+    "missing query": ("query-image", lambda p: p.unlink(), "not found"),
+    "missing support label": ("support-label", lambda p: p.unlink(), "not found"),
+    "truncated query": ("query-image", _truncate, "NIfTI"),
+    "truncated support image": ("support-image", _truncate, "NIfTI"),
+    "text file as query": ("query-image", lambda p: p.write_text("not NIfTI\n"), "NIfTI"),
+    "NaN in query": ("query-image", lambda p: _rewrite(p, _set_first(np.nan)), "NaN"),
+    "inf in support image": ("support-image", lambda p: _rewrite(p, _set_first(np.inf)), "infinite"),
+    "2D query": ("query-image", lambda p: _rewrite(p, lambda a: a[:, :, 0]), "3D volume"),
+    "4D query": ("query-image", lambda p: _rewrite(p, lambda a: np.stack([a, a], -1)), "3D volume"),
+    "support shape mismatch": ("support-label", lambda p: _rewrite(p, lambda a: a[:, :, :-1]), "shape"),
+    "support affine mismatch": ("support-label", _shifted, "geometry differs"),
+}
+
+
+@pytest.mark.parametrize("fault", PREDICT_FAULTS)
+def test_a_bad_file_stops_predict_naming_it(data, tmp_path, fault):
+    which, change, words = PREDICT_FAULTS[fault]
+    files = _pair(data, tmp_path, which, change)
+    out = tmp_path / "out" / "p.nii.gz"
+    proc = _run([ROOT / "tools" / "predict.py", "--method", "support-copy", "--label", "6", "--out", out,
+                 *[a for k, v in files.items() for a in (f"--{k}", v)]])
+    _clean_error(proc, files[which], words)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_predict_refuses_a_label_id_absent_from_the_support(data, tmp_path):
+    files = _pair(data, tmp_path, None, None)
+    proc = _run([ROOT / "tools" / "predict.py", "--method", "support-copy", "--label", "42", "--out",
+                 tmp_path / "p.nii.gz", *[a for k, v in files.items() for a in (f"--{k}", v)]])
+    _clean_error(proc, "label_2.nii.gz", "42")
+    assert not (tmp_path / "p.nii.gz").exists()
+
+
+@pytest.mark.parametrize("extra, names", [
+    (["--folds", "7"], ["--folds 7", "0..4"]), (["--folds", "0", "-1"], ["--folds -1"]),
+    (["--support-case", "99", "--query-cases", "1"], ["'99'"]),
+    (["--support-case", "1", "--query-cases", "2", "98"], ["'98'"]),
+    (["--classes", "lung"], ["'lung'"]),
+])
+def test_test_py_refuses_unknown_folds_cases_and_classes(data, tmp_path, extra, names):
+    _clean_error(_test_py(data, tmp_path / "o", *extra), *names)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("override, names", [
+    ("data.fold=7", ["data.fold=7", "0..4"]), ("data.fold=-1", ["data.fold"]),
+    ("data.root={tmp}/nothing", ["nothing", "not found"]),
+])
+def test_train_py_refuses_an_unknown_fold_or_dataset(data, tmp_path, override, names):
+    proc = _run([ROOT / "train.py", "--config", _tiny_cfg(tmp_path, data), "--out", tmp_path / "run", "--quiet",
+                 "--device", "cpu", override.format(tmp=tmp_path)])
+    _clean_error(proc, *names)
+    assert not (tmp_path / "run").exists()

@@ -174,9 +174,11 @@ class FSMISDataset:
             m = _LABEL_RE.match(p.name)
             if m:
                 labels.append((m.group(1), p.name))
-        orphans = sorted(name for cid, name in labels if cid not in set(ids))
+        orphans = sorted((name, cid) for cid, name in labels if cid not in set(ids))
         if orphans:
-            raise DataError(f"{self.image_dir}: label file(s) without an image: {', '.join(orphans[:10])}"
+            (first, cid), rest = orphans[0], [name for name, _ in orphans[1:]]
+            raise DataError(f"{self.image_dir / first}: label file without an image (no image_{cid}.nii.gz)"
+                            + (f"; also {', '.join(rest[:9])}" if rest else "")
                             + (f" ... ({len(orphans)} in all)" if len(orphans) > 10 else ""))
         return sort_case_ids(ids)
 

@@ -192,17 +192,18 @@ def as_label_array(data: np.ndarray, path: Path | str) -> np.ndarray:
 
 
 def check_pair(image: Volume, label: Volume) -> None:
-    """Image and label must share shape and geometry."""
+    """Image and label must share shape and geometry (DataError naming the label file)."""
     if image.stored_shape != label.stored_shape:
         raise DataError(
-            f"{label.path.name} has shape {'x'.join(map(str, label.stored_shape))} but "
-            f"{image.path.name} has {'x'.join(map(str, image.stored_shape))}"
+            f"{label.path}: shape {'x'.join(map(str, label.stored_shape))} differs from "
+            f"{image.path.name} {'x'.join(map(str, image.stored_shape))}"
         )
     if not np.allclose(image.stored_affine, label.stored_affine, atol=1e-3, rtol=1e-4):
+        def rows(a):
+            return "; ".join(" ".join(f"{v:.3f}" for v in r) for r in np.asarray(a)[:3])
         raise DataError(
-            f"{label.path.name} and {image.path.name} have different geometry (affines differ):\n"
-            f"{np.array2string(label.stored_affine, precision=3)}\nvs\n"
-            f"{np.array2string(image.stored_affine, precision=3)}"
+            f"{label.path}: geometry differs from {image.path.name} (affines differ: "
+            f"[{rows(label.stored_affine)}] vs [{rows(image.stored_affine)}])"
         )
 
 

@@ -257,8 +257,27 @@ class Trainer:
             return self._fit()
         from ..atomic import exclusive_lock
 
+        existed = self.run_dir.exists()
+        fresh = not existed or all(p.name == ".lock" for p in self.run_dir.iterdir())
         with exclusive_lock(self.run_dir, "run folder"):
-            return self._fit()
+            try:
+                return self._fit()
+            except BaseException:
+                # a new run that fails (bad data, Ctrl-C) before its first checkpoint leaves nothing
+                # behind: there is nothing to resume
+                if fresh and ck.last_complete(self.run_dir) is None:
+                    self._remove_unstarted(existed)
+                raise
+
+    def _remove_unstarted(self, existed: bool) -> None:
+        import shutil
+
+        if not existed:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return
+        for p in self.run_dir.iterdir():
+            if p.name != ".lock":
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def _fit(self) -> dict:
         from tqdm import tqdm
