@@ -47,9 +47,17 @@ def test_demo_cmr_end_to_end_and_reuse(tmp_path):
     assert "Validation Dice by step: 2:" in report and "oracle" in report
     for name in ("validation_curve.png", "sdfsmis_in_domain.png", "support-copy_in_domain.png"):
         assert (out / "figures" / name).stat().st_size > 0, name
-    again = _run(tmp_path, data)
+    assert results["sdfsmis"]["in_domain"]["method"]["threshold_floor"] == 0.0
+    # a post-processing key changes no weights: the trained run is reused and the new value applied
+    again = _run(tmp_path, data, "model.threshold_floor=0.3")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "reusing the demo VAE" in again.stdout and "reusing the trained demo model" in again.stdout
+    again_results = json.loads((out / "results.json").read_text())
+    assert again_results["sdfsmis"]["in_domain"]["method"]["threshold_floor"] == 0.3
+    # a training key does not reuse it
+    third = _run(tmp_path, data, "train.fg_weight=3")
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "starting it again" in third.stdout
 
 
 def test_demo_cmr_refuses_a_folder_that_is_no_dataset(tmp_path):

@@ -46,6 +46,28 @@ def ensure_phantom(folder: Path, modality: str, cases: int, seed: int, supervoxe
                                 **kw)
 
 
+def _training_keys(cfg) -> dict:
+    """The config without the post-processing keys (which a trained run can take unchanged)."""
+    from fsmis.models.sd_fsmis import POSTPROCESS_KEYS
+
+    d = cfg.to_dict()
+    for k in POSTPROCESS_KEYS:
+        d.get("model", {}).pop(k, None)
+    return d
+
+
+def trained_predictor(run: Path, cfg):
+    """The predictor of a trained demo run, with ``cfg``'s post-processing keys applied (they
+    change no weights; the predictor records the values it used in every results.json)."""
+    from fsmis.engine.runs import load_run
+    from fsmis.models.sd_fsmis import POSTPROCESS_KEYS
+
+    predictor = load_run(run, device="cpu").predictor()
+    for k in POSTPROCESS_KEYS:
+        setattr(predictor.cfg.model, k, getattr(cfg.model, k))
+    return predictor
+
+
 def train_demo_model(config: Path, run: Path, overrides: list[str], progress: bool):
     from fsmis.config import load_config
     from fsmis.engine import checkpoints as ck
@@ -53,7 +75,7 @@ def train_demo_model(config: Path, run: Path, overrides: list[str], progress: bo
 
     cfg = load_config(config, overrides)
     saved = run / "config.yaml"
-    if saved.is_file() and load_config(saved).to_dict() != cfg.to_dict():
+    if saved.is_file() and _training_keys(load_config(saved)) != _training_keys(cfg):
         print(f"{run} holds a run with another config; starting it again")
         import shutil
 
@@ -104,7 +126,6 @@ def main(argv=None) -> int:
     from fsmis.evaluation.figures import example_rows, overlay_panel
     from fsmis.evaluation.protocol import ProtocolConfig, evaluate
     from fsmis.evaluation.results import atomic_write_json, atomic_write_text, results_markdown, write_results
-    from fsmis.engine.runs import load_run
     from fsmis.methods.autoencoder import REPORT_NAME, ensure_autoencoder
     from fsmis.methods.base import build_predictor
 
@@ -136,7 +157,7 @@ def main(argv=None) -> int:
     timings["train_s"] = round(time.time() - t1, 1)
     fold = cfg.data.fold
 
-    methods = {"sdfsmis": load_run(work / "run", device="cpu").predictor(),
+    methods = {"sdfsmis": trained_predictor(work / "run", cfg),
                "support-copy": build_predictor("support-copy")}
     ct, mr = open_dataset(ct_dir), open_dataset(mr_dir)
     splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[fold])),

@@ -49,7 +49,6 @@ def main(argv=None) -> int:
     from fsmis.config import load_config
     from fsmis.data.datasets import open_dataset
     from fsmis.data.normalize import normalize_volume
-    from fsmis.engine.runs import load_run
     from fsmis.evaluation.figures import example_rows, overlay_panel, validation_curve
     from fsmis.evaluation.protocol import ProtocolConfig, evaluate
     from fsmis.evaluation.results import atomic_write_json, atomic_write_text, results_markdown, write_results
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
     timings["train_s"] = round(time.time() - t1, 1)
     fold = cfg.data.fold
 
-    methods = {"sdfsmis": load_run(work / "run", device="cpu").predictor(),
+    methods = {"sdfsmis": D.trained_predictor(work / "run", cfg),
                "support-copy": build_predictor("support-copy")}
     proto = ProtocolConfig(fold_ids=[fold])
     all_results, sections = {}, []

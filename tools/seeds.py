@@ -80,7 +80,6 @@ def main(argv=None) -> int:
     from fsmis.config import ConfigError, load_config
     from fsmis.data.datasets import open_dataset
     from fsmis.data.nifti import DataError
-    from fsmis.engine.runs import load_run
     from fsmis.evaluation.protocol import ProtocolConfig, evaluate
     from fsmis.methods.autoencoder import ensure_autoencoder
     from fsmis.methods.base import build_predictor
@@ -113,7 +112,7 @@ def main(argv=None) -> int:
             overrides = [f"data.root={ct_dir}", f"model.vae_path={vae_dir}", *args.overrides, f"train.seed={seed}"]
             cfg, summary = D.train_demo_model(Path(args.config), out / "runs" / f"seed{seed}", overrides,
                                               not args.quiet)
-            res = score(load_run(out / "runs" / f"seed{seed}", device="cpu").predictor())
+            res = score(D.trained_predictor(out / "runs" / f"seed{seed}", cfg))
             res.update({"history": summary.get("history", []), "train_seconds": summary.get("seconds"),
                         "wall_seconds": round(time.time() - t0, 1)})
             results[str(seed)] = res

@@ -198,6 +198,10 @@ class SDFSMIS(nn.Module):
         return self.decode_probability(-out)
 
 
+# model keys that act only after the network (post-processing): changing them needs no retraining
+POSTPROCESS_KEYS = ("threshold_ratio", "threshold_floor", "largest_component")
+
+
 def weighted_latent_mse(out: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, fg_weight: float) -> torch.Tensor:
     """Weighted mean of the squared error over [B, C, h, w] latents: a cell weighs ``fg_weight``
     where the [B, 1, H, W] mask has foreground anywhere in its footprint, else 1. With
