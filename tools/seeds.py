@@ -11,6 +11,9 @@ canonical protocol; support-copy is evaluated once. A finished seed's run is reu
 
 Writes OUT/seeds.json (per seed: Dice per class in-domain and cross-domain, validation curve,
 training seconds) and OUT/seeds.md (a table per seed, then median and range over the seeds).
+
+``--threshold-ratios 0.25 0.5 0.6`` also scores every trained seed with each post-processing
+threshold ratio (``model.threshold_ratio``; no retraining) and adds a table of them.
 """
 from __future__ import annotations
 
@@ -60,7 +63,34 @@ def table(results: dict, baseline: dict) -> str:
     return "\n".join(lines)
 
 
+def threshold_table(results: dict, baseline: dict) -> str:
+    """In-domain and cross-domain mean Dice per seed for every scored threshold ratio."""
+    seeds = sorted(results, key=int)
+    ratios = sorted({float(r) for s in seeds for r in results[s].get("by_threshold_ratio", {})})
+    if not ratios:
+        return ""
+    lines = ["| model.threshold_ratio | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | in-domain median (range) | cross-domain median (range) | beats support-copy in-domain |",
+             "|---|" + "---|" * (len(seeds) + 3)]
+    for ratio in ratios:
+        got = [results[s]["by_threshold_ratio"].get(f"{ratio:g}") for s in seeds]
+        if any(g is None for g in got):
+            continue
+        ins = _stats([100 * g["in_domain"]["mean"] for g in got])
+        cross = _stats([100 * g["cross_domain"]["mean"] for g in got])
+        wins = sum(g["in_domain"]["mean"] > baseline["in_domain"]["mean"] for g in got)
+        lines.append(f"| {ratio:g} | " + " | ".join(f"{100 * g['in_domain']['mean']:.2f} / {100 * g['cross_domain']['mean']:.2f}"
+                                                 for g in got)
+                     + f" | {ins['median']:.2f} ({ins['min']:.2f}-{ins['max']:.2f}) | {cross['median']:.2f} "
+                       f"({cross['min']:.2f}-{cross['max']:.2f}) | {wins} of {len(got)} |")
+    lines += ["", "Per seed: in-domain / cross-domain mean Dice (%) of the same trained model with each "
+              "post-processing threshold ratio (× the chunk maximum)."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    import demo as D
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds (default 0-4)")
     p.add_argument("--out", default="results/seeds", help="output folder (runs in OUT/runs/seed<k>)")
@@ -69,12 +99,15 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="SD-FSMIS config")
     p.add_argument("--vae-config", default=str(ROOT / "configs" / "demo_vae.yaml"))
     p.add_argument("--cases", type=int, default=10, help="phantom cases per modality")
+    p.add_argument("--shape", type=D._shape, default=None, metavar="Z,Y,X",
+                   help="phantom volume shape (default: the demo's)")
     p.add_argument("--vae-steps", type=int, default=None, help="demo VAE steps (default: the demo's)")
+    p.add_argument("--threshold-ratios", type=float, nargs="+", default=[], metavar="R",
+                   help="also score each trained seed with these model.threshold_ratio values (no retraining)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the SD-FSMIS config (the recipe under test)")
     args = p.parse_args(argv)
-
-    import demo as D
+    shape = args.shape
 
     from fsmis.atomic import atomic_write_json, atomic_write_text
     from fsmis.config import ConfigError, load_config
@@ -87,8 +120,8 @@ def main(argv=None) -> int:
     out, data, work = Path(args.out), Path(args.data), Path(args.work)
     vae_steps = args.vae_steps or D.DEMO_VAE_STEPS
     try:
-        ct_dir = D.ensure_phantom(data / "ct", "ct", args.cases, 0)
-        mr_dir = D.ensure_phantom(data / "mr", "mr", args.cases, 1000, supervoxels=False)
+        ct_dir = D.ensure_phantom(data / "ct", "ct", args.cases, 0, shape=shape)
+        mr_dir = D.ensure_phantom(data / "mr", "mr", args.cases, 1000, supervoxels=False, shape=shape)
         size = load_config(Path(args.config), args.overrides).data.image_size
         vae_cfg = load_config(Path(args.vae_config), [
             f"data.root={ct_dir}", f"train.max_steps={vae_steps}", f"train.warmup_steps={max(1, int(0.03 * vae_steps))}",
@@ -112,7 +145,12 @@ def main(argv=None) -> int:
             overrides = [f"data.root={ct_dir}", f"model.vae_path={vae_dir}", *args.overrides, f"train.seed={seed}"]
             cfg, summary = D.train_demo_model(Path(args.config), out / "runs" / f"seed{seed}", overrides,
                                               not args.quiet)
-            res = score(D.trained_predictor(out / "runs" / f"seed{seed}", cfg))
+            predictor = D.trained_predictor(out / "runs" / f"seed{seed}", cfg)
+            res = score(predictor)
+            for ratio in args.threshold_ratios:
+                predictor.cfg.model.threshold_ratio = ratio
+                res.setdefault("by_threshold_ratio", {})[f"{ratio:g}"] = score(predictor)
+            predictor.cfg.model.threshold_ratio = cfg.model.threshold_ratio
             res.update({"history": summary.get("history", []), "train_seconds": summary.get("seconds"),
                         "wall_seconds": round(time.time() - t0, 1)})
             results[str(seed)] = res
@@ -125,6 +163,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     text = table(results, baseline)
+    extra = threshold_table(results, baseline)
+    if extra:
+        text += "\n\n" + extra
     atomic_write_text(out / "seeds.md", f"# {Path(args.config).name} {' '.join(args.overrides)}\n\n{text}\n")
     print(text)
     print(f"wrote {out / 'seeds.json'} and {out / 'seeds.md'}")
