@@ -13,7 +13,10 @@ Writes OUT/seeds.json (per seed: Dice per class in-domain and cross-domain, vali
 training seconds) and OUT/seeds.md (a table per seed, then median and range over the seeds).
 
 ``--threshold-ratios 0.25 0.5 0.6`` also scores every trained seed with each post-processing
-threshold ratio (``model.threshold_ratio``; no retraining) and adds a table of them.
+threshold ratio (``model.threshold_ratio``; no retraining) and adds a table of them; give the
+key=value overrides before it:
+
+  python tools/seeds.py train.fg_weight=5 --seeds 0 1 2 --out results/seeds_fg5 --threshold-ratios 0.5 0.6
 """
 from __future__ import annotations
 
