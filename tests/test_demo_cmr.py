@@ -71,3 +71,14 @@ def test_make_demo_cmr_needs_data():
     proc = subprocess.run(["make", "-s", "-C", str(ROOT), "demo-cmr", "DATA="],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "DATA=" in proc.stderr
+
+
+def test_demo_cmr_refuses_outputs_inside_the_dataset(tmp_path):
+    data = _phantom(tmp_path)
+    before = sorted(p.name for p in data.iterdir())
+    for flag in ("--out", "--work"):
+        cmd = [sys.executable, str(ROOT / "tools" / "demo_cmr.py"), "--data", str(data), "--out", str(tmp_path / "o"),
+               "--work", str(tmp_path / "w"), flag, str(data / "results"), *TINY]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+        assert proc.returncode == 2 and flag in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert sorted(p.name for p in data.iterdir()) == before

@@ -46,6 +46,16 @@ def ensure_phantom(folder: Path, modality: str, cases: int, seed: int, supervoxe
                                 **kw)
 
 
+def demo_vae_config(vae_config: Path, data_root, steps: int, image_size: int):
+    """The demo VAE's config for a dataset: ``steps`` steps (3 % warm-up) at the SD-FSMIS
+    model's image size, on half-size crops."""
+    from fsmis.config import load_config
+
+    return load_config(Path(vae_config), [
+        f"data.root={data_root}", f"train.max_steps={steps}", f"train.warmup_steps={max(1, int(0.03 * steps))}",
+        f"data.image_size={image_size}", f"data.crop={image_size // 2}"])
+
+
 def _training_keys(cfg) -> dict:
     """The config without the post-processing keys (which a trained run can take unchanged)."""
     from fsmis.models.sd_fsmis import POSTPROCESS_KEYS
@@ -142,9 +152,7 @@ def main(argv=None) -> int:
     from fsmis.config import load_config
 
     size = load_config(Path(args.config), args.overrides).data.image_size
-    vae_cfg = load_config(Path(args.vae_config), [
-        f"data.root={ct_dir}", f"train.max_steps={args.vae_steps}", f"train.warmup_steps={max(1, int(0.03 * args.vae_steps))}",
-        f"data.image_size={size}", f"data.crop={size // 2}"])
+    vae_cfg = demo_vae_config(args.vae_config, ct_dir, args.vae_steps, size)
     vae_dir, reused = ensure_autoencoder(vae_cfg, work / "vae", progress=not args.quiet)
     if reused:
         print(f"reusing the demo VAE in {vae_dir}")

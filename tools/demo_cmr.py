@@ -58,12 +58,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     timings = {}
     data, out, work = Path(args.data), Path(args.out), Path(args.work)
+    for name, path in (("--out", out), ("--work", work)):  # outputs never go into the dataset
+        if path.resolve() == data.resolve() or data.resolve() in path.resolve().parents:
+            raise ValueError(f"{name} {path} is the --data folder {data} or inside it: choose a folder outside it")
     ds = open_dataset(data)  # fails here, naming the folder, when DATA is not a dataset
     cfg = load_config(Path(args.config), [f"data.root={data}", *args.overrides])
     size = cfg.data.image_size
-    vae_cfg = load_config(Path(args.vae_config), [
-        f"data.root={data}", f"train.max_steps={args.vae_steps}", f"train.warmup_steps={max(1, int(0.03 * args.vae_steps))}",
-        f"data.image_size={size}", f"data.crop={size // 2}"])
+    vae_cfg = D.demo_vae_config(args.vae_config, data, args.vae_steps, size)
     vae_dir, reused = ensure_autoencoder(vae_cfg, work / "vae", progress=not args.quiet)
     if reused:
         print(f"reusing the demo VAE in {vae_dir}")

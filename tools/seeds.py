@@ -126,9 +126,7 @@ def main(argv=None) -> int:
         ct_dir = D.ensure_phantom(data / "ct", "ct", args.cases, 0, shape=shape)
         mr_dir = D.ensure_phantom(data / "mr", "mr", args.cases, 1000, supervoxels=False, shape=shape)
         size = load_config(Path(args.config), args.overrides).data.image_size
-        vae_cfg = load_config(Path(args.vae_config), [
-            f"data.root={ct_dir}", f"train.max_steps={vae_steps}", f"train.warmup_steps={max(1, int(0.03 * vae_steps))}",
-            f"data.image_size={size}", f"data.crop={size // 2}"])
+        vae_cfg = D.demo_vae_config(args.vae_config, ct_dir, vae_steps, size)
         vae_dir, _ = ensure_autoencoder(vae_cfg, work / "vae", progress=not args.quiet)
         ct, mr = open_dataset(ct_dir), open_dataset(mr_dir)
         splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[0], surface_metrics=False)),

@@ -8,6 +8,18 @@ import numpy as np
 from ..atomic import atomic_target
 
 
+def _save(fig, path, dpi: int) -> Path:
+    """Write a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_target(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def _contour(ax, mask, color):
     if mask is not None and np.any(mask):
         ax.contour(np.asarray(mask, float), levels=[0.5], colors=[color], linewidths=1.2)
@@ -43,12 +55,7 @@ def overlay_panel(rows: list[dict], path: str | Path, title: str | None = None) 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic_target(path) as tmp:
-            fig.savefig(tmp, dpi=90)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=90)
 
 
 def example_rows(dataset, predictor, fold_result: dict, classes, normalize) -> list[dict]:
@@ -109,9 +116,4 @@ def validation_curve(curves: dict[str, list[dict]], path: str | Path, title: str
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic_target(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=100)
