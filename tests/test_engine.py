@@ -179,3 +179,28 @@ def test_stateful_random_streams_are_saved_per_process_under_ddp(tmp_path, tiny_
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run), "--quiet", "--device", "cpu",
                           "train.max_steps=3"], capture_output=True, text=True, cwd=ROOT, env=ENV)
     assert res.returncode == 2 and "resume with the same count" in res.stderr
+
+
+def test_validation_scores_the_ema_weights_and_restores_the_live_ones(tmp_path, tiny_data, monkeypatch):
+    """With train.ema on, a loaded run predicts with the EMA weights, so validation (and the best
+    checkpoint) must score those; training then continues from the untouched live weights."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(TESTS))
+    cfg = load_config(_tiny_config(tmp_path, tiny_data, ema=0.5, max_steps=3, val_every=3))
+    tr = Trainer(cfg, tmp_path / "run", "cpu", progress=False).setup()
+    for _ in range(2):
+        tr.train_step()
+    seen = {}
+
+    def fake_validate():
+        seen.update({k: v.detach().clone() for k, v in tr.method.trained_state().items()})
+        return 0.5
+
+    monkeypatch.setattr(tr.method, "validate", fake_validate)
+    live = {k: v.detach().clone() for k, v in tr.method.trained_state().items()}
+    assert any(not torch.equal(live[k], tr.ema.shadow[k]) for k in live)
+    assert tr.validate() == 0.5
+    for k in live:
+        assert torch.equal(seen[k], tr.ema.shadow[k].to(live[k].dtype)), k
+        assert torch.equal(tr.method.trained_state()[k], live[k]), k

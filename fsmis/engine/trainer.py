@@ -226,7 +226,22 @@ class Trainer:
 
     # -- validation and checkpoints ----------------------------------------------------------------
     def validate(self) -> float | None:
-        return self.method.validate()
+        """The method's validation score, of the EMA weights when EMA is on (they are the weights a
+        loaded run predicts with, so the best checkpoint is chosen on them); the live weights are
+        put back bit for bit afterwards."""
+        if self.ema is None:
+            return self.method.validate()
+        live = self.method.trained_state()
+        backup = {k: v.detach().clone() for k, v in live.items()}
+        try:
+            with torch.no_grad():
+                for k, v in live.items():
+                    v.copy_(self.ema.shadow[k].to(v.dtype))
+            return self.method.validate()
+        finally:
+            with torch.no_grad():
+                for k, v in live.items():
+                    v.copy_(backup[k])
 
     def _rng_states(self) -> list:
         """Every rank's stateful random streams (a collective call under DDP)."""
