@@ -15,7 +15,7 @@ A method is a class with:
 - optionally :meth:`Method.predictor` (a :class:`~fsmis.methods.base.Predictor` over the
   trained model) and :meth:`Method.validate`, :meth:`Method.preview` and :meth:`Method.finalize`.
 
-``method:`` in a config is a registered name (``sdfsmis``, ``autoencoder``) or an import path
+``method:`` in a config is a registered name (``sdfsmis``, ``autoencoder``, ``generator``) or an import path
 ``package.module:Class``, so a new method needs no engine change.
 """
 from __future__ import annotations
@@ -127,6 +127,7 @@ class Method:
 _BUILTIN = {
     "sdfsmis": "fsmis.methods.sdfsmis:SDFSMISMethod",
     "autoencoder": "fsmis.methods.autoencoder:AutoencoderMethod",
+    "generator": "fsmis.genaug.generator:GeneratorMethod",
 }
 _REGISTRY: dict[str, type] = {}
 

@@ -36,6 +36,8 @@ class SDFSMISConfig:
     sd_config: str | None = None  # for a single checkpoint file: local folder with unet/ and vae/ configs
     vae_path: str | None = None  # a separate local AutoencoderKL folder (e.g. the demo VAE)
     unet: dict | None = None  # UNet2DConditionModel config for random initialisation (no sd_path)
+    unet_init: str | None = None  # a generator run (or its unet/ folder): the UNet starts from its weights
+    unet_init_conv_in: str = "surgery"  # surgery: its image-latent conv_in, [W, W] / 2 as from SD | direct: its 8-channel conv
     vae: dict | None = None  # AutoencoderKL config for random initialisation
     vtct_encoder: str = "dinov2"  # dinov2 | clip | none
     vtct_encoder_path: str | None = None
@@ -246,6 +248,10 @@ def build_model(cfg: SDFSMISConfig, dtype: torch.dtype | None = None, verify: st
     report = LoadReport()
     unet, report.unet = load_unet(cfg, dtype, verify)
     vae, report.vae = load_vae(cfg, dtype, verify)
+    if cfg.unet_init:
+        from .weights import check_unet_init_vae
+
+        check_unet_init_vae(cfg, vae, report)
     ucfg, vcfg = unet.config, vae.config
     if vcfg.latent_channels != ucfg.in_channels or ucfg.out_channels != ucfg.in_channels:
         raise ConfigError(f"VAE latent channels ({vcfg.latent_channels}) must equal the UNet's input and output "
@@ -259,6 +265,13 @@ def build_model(cfg: SDFSMISConfig, dtype: torch.dtype | None = None, verify: st
     encoder, report.vtct_encoder = load_vtct_encoder(cfg)
     vtct = VTCT(encoder, cross, cfg.vtct_hidden, cfg.vtct_depth)
     scaling_factor = resolve_scaling_factor(cfg.scaling_factor, vcfg, report)
+    if cfg.unet_init:
+        from .weights import unet_init_scaling_factor
+
+        gen_sf = unet_init_scaling_factor(cfg)
+        if not math.isclose(gen_sf, scaling_factor, rel_tol=1e-6):
+            report.warnings.append(f"model.unet_init: the generator's latents were scaled by {gen_sf}, this "
+                                   f"model's by {scaling_factor}")
     model = SDFSMIS(unet, vae, vtct, scaling_factor, cfg.qe_threshold, cfg.qe_topk_ratio)
     counts = parameter_counts(model)
     report.summary = {"sqi_layers": count_sqi_layers(model.unet), "cross_attention_dim": cross,

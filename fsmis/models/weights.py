@@ -601,11 +601,112 @@ def _load_sd_part(cls, part: str, cfg, dtype, verify: str, no_source: str):
 
 def load_unet(cfg, dtype: torch.dtype | None = None, verify: str = "sample"):
     """-> (UNet2DConditionModel, ComponentLoad). Raises WeightLoadError on a partial load,
-    ConfigError when no source is given."""
+    ConfigError when no source is given. ``model.unet_init`` (SD-FSMIS) takes precedence:
+    :func:`load_unet_init`."""
     from diffusers import UNet2DConditionModel
 
+    if getattr(cfg, "unet_init", None):
+        return load_unet_init(cfg, dtype, verify)
     return _load_sd_part(UNet2DConditionModel, "unet", cfg, dtype, verify,
                          "model.sd_path (a local diffusers folder or an LDM checkpoint file)")
+
+
+def unet_init_folder(path) -> Path:
+    """A generator run folder (its exported ``unet/``) or the exported folder itself."""
+    from ..genaug.generator import EXPORT_DIR, META_NAME
+
+    p = Path(path).expanduser()
+    for cand in (p / EXPORT_DIR, p):
+        if (cand / "config.json").is_file() and (cand / META_NAME).is_file():
+            return cand
+    if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir():
+        raise ConfigError(f"model.unet_init {p}: the run has no exported {EXPORT_DIR}/ (it is written when the "
+                          "generator's training reaches train.max_steps; finish it with train.py --resume)")
+    raise ConfigError(f"model.unet_init {p}: not a generator run nor its {EXPORT_DIR}/ folder "
+                      f"(expected config.json and {META_NAME})")
+
+
+def load_unet_init(cfg, dtype: torch.dtype | None = None, verify: str = "sample"):
+    """SD-FSMIS's UNet from a trained generator (fsmis.genaug.generator): strict loading of every
+    tensor of its exported UNet (a missing, unexpected or mis-shaped tensor stops with its name),
+    then its [noisy latent | mask latent] conv_in becomes the C-channel conv_in that SD-FSMIS's
+    weight surgery expands (``model.unet_init_conv_in``):
+
+    - ``surgery`` (default): the image-latent columns W[:, :C] and the bias, so that both input
+      convolutions start at [W_img, W_img] / 2, exactly as from SD's conv_in;
+    - ``direct``: the generator's 8-channel conv as it is ([image | mask], the support branch's layout),
+      copied into both input convolutions.
+
+    ``model.unet``, when also given, must describe the same architecture (but in_channels)."""
+    from diffusers import UNet2DConditionModel
+
+    from ..genaug.generator import META_NAME
+
+    if cfg.sd_path:
+        raise ConfigError("model.unet_init and model.sd_path both give the UNet: set one of them "
+                          "(model.vae_path still gives the VAE)")
+    mode = getattr(cfg, "unet_init_conv_in", "surgery")
+    if mode not in ("surgery", "direct"):
+        raise ConfigError(f"model.unet_init_conv_in must be surgery or direct, not {mode!r}")
+    folder = unet_init_folder(cfg.unet_init)
+    meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
+    model, row = _load_diffusers_component(UNet2DConditionModel, "unet", folder, None, dtype, verify)
+    lat = int(meta["latent_channels"])
+    if cfg.unet is not None:
+        want = {k: v for k, v in _config_dict(cfg.unet, "unet", "model.unet").items() if k != "in_channels"}
+        have = dict(model.config)
+        diff = [f"{k}: model.unet {v!r}, generator {have.get(k)!r}" for k, v in sorted(want.items())
+                if k in have and _norm(have.get(k)) != _norm(v)]
+        unknown = [k for k in want if k not in have]
+        if diff or unknown:
+            raise ConfigError(f"model.unet does not describe the generator's UNet in {folder}: "
+                              + "; ".join(diff + [f"{k}: not a UNet2DConditionModel key" for k in unknown])
+                              + " (leave model.unet out: the architecture comes from the generator)")
+    conv = model.conv_in
+    if conv.in_channels != 2 * lat:
+        raise WeightLoadError(f"unet: {folder}: conv_in takes {conv.in_channels} channels, a generator over "
+                              f"{lat}-channel latents has {2 * lat}", row)
+    if mode == "surgery":
+        new = nn.Conv2d(lat, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        dtype=conv.weight.dtype, device=conv.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(conv.weight[:, :lat])
+            new.bias.copy_(conv.bias)
+        model.conv_in = new
+        row.notes.append(f"conv_in: the generator's image-latent columns ({lat} of {2 * lat}); the input "
+                         "convolutions then come by the SD weight surgery ([W, W] / 2)")
+    else:
+        row.notes.append(f"conv_in: the generator's {2 * lat}-channel conv copied into both input convolutions")
+    model.register_to_config(in_channels=lat)
+    row.notes.append(f"from model.unet_init (a generator trained {meta.get('steps')} steps on "
+                     f"{meta.get('conditioning')} masks)")
+    return model, row
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def unet_init_scaling_factor(cfg) -> float:
+    from ..genaug.generator import META_NAME
+
+    meta = json.loads((unet_init_folder(cfg.unet_init) / META_NAME).read_text(encoding="utf-8"))
+    return float(meta["scaling_factor"])
+
+
+def check_unet_init_vae(cfg, vae, report) -> None:
+    """The generator behind ``model.unet_init`` was trained in one VAE's latent space: refuse
+    another VAE (a prior in a different latent space is no prior) and a different scaling factor."""
+    from ..genaug.generator import META_NAME, vae_identity
+
+    folder = unet_init_folder(cfg.unet_init)
+    meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
+    ident = vae_identity(vae)
+    if meta.get("vae_identity") != ident:
+        raise ConfigError(f"model.unet_init {folder}: the generator was trained with the VAE "
+                          f"{meta.get('vae_source')} (identity {meta.get('vae_identity')}); this model's VAE "
+                          f"({report.vae.source}) is {ident}: give the same VAE (model.vae_path)")
+    report.unet.notes.append(f"same VAE as the generator (identity {ident})")
 
 
 def load_vae(cfg, dtype: torch.dtype | None = None, verify: str = "sample"):
