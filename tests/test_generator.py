@@ -262,3 +262,16 @@ def test_unet_init_refuses_another_vae_or_another_architecture(trained, tiny_dat
         SDFSMIS.from_config(_sd_cfg(trained, tiny_data, f"model.unet={json.dumps(arch)}").model)
     with pytest.raises(ConfigError, match="not a generator run"):
         SDFSMIS.from_config(_sd_cfg(trained, tiny_data, f"model.unet_init={tmp_path}").model)
+
+
+def test_generate_from_arbitrary_masks_is_seeded_and_keeps_the_mask_size(trained):
+    method = trained["loaded"].method
+    masks = np.zeros((3, 40, 40), np.uint8)
+    masks[0, 5:20, 5:20] = 1
+    masks[1, 10:30, 12:25] = 1
+    a = method.generate(masks, "CT", "supervoxel", torch.Generator().manual_seed(3), steps=3, chunk=2)
+    b = method.generate(masks, "CT", "supervoxel", torch.Generator().manual_seed(3), steps=3, chunk=2)
+    assert a.shape == (3, 40, 40) and a.dtype == np.float32 and np.array_equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    with pytest.raises(ValueError, match="'PET'"):
+        method.generate(masks, "PET", None, torch.Generator().manual_seed(0), steps=2)

@@ -495,6 +495,43 @@ class GeneratorMethod(Method):
         return self.module.decode(lat)
 
     @torch.no_grad()
+    def generate(self, masks: np.ndarray, modality: str | None, klass: str | None, generator: torch.Generator,
+                 steps: int | None = None, guidance: float | None = None, chunk: int = 16) -> np.ndarray:
+        """Images for arbitrary binary masks: ``masks`` [N, H, W] ({0, 1}, any size) -> float32
+        [N, H, W] in [-1, 1] at the masks' size (generated at ``data.image_size``, resized back
+        bilinearly). ``modality`` / ``klass``: token names (None: that token dropped). An all-zero
+        mask is an empty mask, not a dropped one. Each mask is VAE-encoded on its own (posterior
+        mean); chunks of ``chunk`` masks are sampled in order from the one ``generator``, so the same
+        generator state and chunk size give the same images."""
+        from ..data.batch import slices_to_model
+
+        m = self.cfg.model
+        masks = np.asarray(masks)
+        if masks.ndim != 3:
+            raise ValueError(f"masks must be [N, H, W], got shape {masks.shape}")
+        for name, value, vocab in (("modality", modality, m.modalities), ("class", klass, m.classes)):
+            if value is not None and value not in vocab:
+                raise ValueError(f"{name} token {value!r} is not one the generator knows ({list(vocab)})")
+        mod_idx = 0 if modality is None else m.modalities.index(modality) + 1
+        cls_idx = 0 if klass is None else m.classes.index(klass) + 1
+        h, w = masks.shape[1:]
+        out = []
+        for i in range(0, len(masks), max(1, int(chunk))):
+            x = slices_to_model((masks[i:i + chunk] > 0).astype(np.float32), self.cfg.data.image_size, "mask",
+                                self.device)
+            mask_lat = self.module.latents(
+                torch.cat([self.module.encode_posterior(x[j:j + 1] * 2 - 1) for j in range(x.shape[0])]), False)
+            n = x.shape[0]
+            mod = torch.full((n,), mod_idx, dtype=torch.long, device=self.device)
+            cls = torch.full((n,), cls_idx, dtype=torch.long, device=self.device)
+            lat = ddim_sample(self.module, m, mask_lat, mod, cls, generator, steps, guidance)
+            img = self.module.decode(lat)[:, None]
+            if img.shape[-2:] != (h, w):
+                img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False)
+            out.append(img[:, 0].clamp(-1, 1).cpu().numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, h, w), np.float32)
+
+    @torch.no_grad()
     def preview(self, step: int):
         """Rows of [real slice | conditioning mask | generated] for 2 fixed training items."""
         rng = np.random.default_rng([self.cfg.train.seed, 20261202])
