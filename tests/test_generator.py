@@ -275,3 +275,29 @@ def test_generate_from_arbitrary_masks_is_seeded_and_keeps_the_mask_size(trained
     assert a.min() >= -1 and a.max() <= 1
     with pytest.raises(ValueError, match="'PET'"):
         method.generate(masks, "PET", None, torch.Generator().manual_seed(0), steps=2)
+
+
+def test_widened_conv_in_computes_what_the_pretrained_one_did():
+    from fsmis.genaug.generator import widen_conv_in
+
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    wide = widen_conv_in(conv, 8)
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.allclose(wide(torch.cat([x, torch.randn(2, 4, 5, 5)], 1)), conv(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["generator_abd_ct", "generator_abd_mri", "generator_cmr"])
+def test_benchmark_generator_configs_build_from_an_sd_folder(name, tiny_data, tmp_path):
+    """The SD-1.5 benchmark configs, pointed at a random SD folder of the tiny preset (no weights
+    can be downloaded here): SD's VAE and UNet load strictly, conv_in widened to 8 channels."""
+    from _cli import run
+
+    sd = tmp_path / "sd"
+    proc = run([ROOT / "tools" / "make_random_sd.py", "--arch", "tiny", "--out", sd])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run([ROOT / "train.py", "--config", ROOT / "configs" / f"{name}.yaml", "--dry-run", f"model.sd_path={sd}",
+                f"data.root={tiny_data}", "data.image_size=32", "data.min_fg_pixels=10"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "conv_in widened 4 -> 8" in proc.stdout and "status: OK" in proc.stdout
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.method == "generator" and cfg.data.image_size == 256 and cfg.data.fold == 0
