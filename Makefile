@@ -6,10 +6,11 @@ STAMP := $(VENV)/.install-stamp
 DEMO_DIR ?= results/demo
 DEMO_DATA ?= datasets/phantom
 DEMO_CMR_DIR ?= results/demo-cmr
+DEMO_GEN_DIR ?= results/demo-generator
 DATA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-cmr demo-cmr-data test clean-demo
+.PHONY: install demo demo-generator demo-cmr demo-cmr-data test clean-demo
 
 install: $(STAMP)
 
@@ -24,6 +25,11 @@ $(STAMP): setup.py
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py --data $(DEMO_DATA) --out $(DEMO_DIR)
+
+# the generator on the phantom CT: samples, their quality, and its UNet as SD-FSMIS's prior at an
+# equal CPU budget (reuses make demo's data, VAE and trained run)
+demo-generator: $(STAMP)
+	$(BIN)/python tools/demo_generator.py --data $(DEMO_DATA) --out $(DEMO_GEN_DIR)
 
 # the demo recipe on the real Card-MRI: DATA = the published folder (cmr_MR_normalized/ and
 # supervoxels_1000/) or a folder holding it

@@ -78,12 +78,15 @@ def trained_predictor(run: Path, cfg):
     return predictor
 
 
-def train_demo_model(config: Path, run: Path, overrides: list[str], progress: bool):
+def ensure_trained(cfg, run: Path, progress: bool, describe=None, name: str = "run"):
+    """Train ``cfg`` into ``run`` through the engine, or reuse a finished run of the same config
+    (post-processing keys aside), or resume an interrupted one. A run folder holding another
+    config is started again. ``describe(trainer)`` gives the line printed before training.
+    Returns the training summary."""
     from fsmis.config import load_config
     from fsmis.engine import checkpoints as ck
     from fsmis.engine.trainer import Trainer
 
-    cfg = load_config(config, overrides)
     saved = run / "config.yaml"
     if saved.is_file() and _training_keys(load_config(saved)) != _training_keys(cfg):
         print(f"{run} holds a run with another config; starting it again")
@@ -92,14 +95,26 @@ def train_demo_model(config: Path, run: Path, overrides: list[str], progress: bo
         shutil.rmtree(run)
     idx = ck.read_index(run)
     if idx.get("last") == f"step_{cfg.train.max_steps}" and (run / "train_summary.json").is_file():
-        print(f"reusing the trained demo model in {run}")
-        return cfg, json.loads((run / "train_summary.json").read_text())
+        print(f"reusing the trained {name} in {run}")
+        return json.loads((run / "train_summary.json").read_text())
     tr = Trainer(cfg, run, progress=progress).setup()
     if tr.resume():
-        print(f"resuming the demo model at step {tr.step}")
-    print(f"training the demo SD-FSMIS: {cfg.train.max_steps} steps of {cfg.train.batch_size} episodes, fold "
-          f"{cfg.data.fold} (support {tr.method.fold.support}, validation {tr.method.val_cases})")
-    return cfg, tr.fit()
+        print(f"resuming {run} at step {tr.step}")
+    if describe is not None:
+        print(describe(tr))
+    return tr.fit()
+
+
+def train_demo_model(config: Path, run: Path, overrides: list[str], progress: bool):
+    from fsmis.config import load_config
+
+    cfg = load_config(config, overrides)
+
+    def describe(tr):
+        return (f"training the demo SD-FSMIS: {cfg.train.max_steps} steps of {cfg.train.batch_size} episodes, fold "
+                f"{cfg.data.fold} (support {tr.method.fold.support}, validation {tr.method.val_cases})")
+
+    return cfg, ensure_trained(cfg, run, progress, describe, name="demo model")
 
 
 def _shape(text: str) -> tuple:
