@@ -73,3 +73,17 @@ def test_demo_generator_end_to_end_and_reuse(tmp_path):
     again = _run(tmp_path)
     assert "reusing the trained demo generator" in again and "reusing the trained demo model" in again
     assert "training the demo" not in again
+
+
+@pytest.mark.parametrize("option", ["--out", "--work"])
+def test_outputs_inside_the_data_folder_are_refused(tmp_path, option):
+    data = tmp_path / "data"
+    data.mkdir()
+    args = {"--out": str(tmp_path / "out"), "--work": str(tmp_path / "work")}
+    args[option] = str(data / "ct" / "x")
+    cmd = [sys.executable, str(ROOT / "tools" / "demo_generator.py"), "--data", str(data),
+           *[a for kv in args.items() for a in kv], "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and option in proc.stderr and "inside" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (data / "ct").exists()

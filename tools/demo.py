@@ -56,6 +56,14 @@ def demo_vae_config(vae_config: Path, data_root, steps: int, image_size: int):
         f"data.image_size={image_size}", f"data.crop={image_size // 2}"])
 
 
+def refuse_inside(data: Path, **outputs: Path) -> None:
+    """Outputs never go into a dataset: a ValueError naming the option when one of ``outputs``
+    ({option name: path}) is the ``data`` folder or lies inside it."""
+    for name, path in outputs.items():
+        if path.resolve() == data.resolve() or data.resolve() in path.resolve().parents:
+            raise ValueError(f"{name} {path} is the --data folder {data} or inside it: choose a folder outside it")
+
+
 def _training_keys(cfg) -> dict:
     """The config without the post-processing keys (which a trained run can take unchanged)."""
     from fsmis.models.sd_fsmis import POSTPROCESS_KEYS

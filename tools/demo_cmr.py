@@ -58,9 +58,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     timings = {}
     data, out, work = Path(args.data), Path(args.out), Path(args.work)
-    for name, path in (("--out", out), ("--work", work)):  # outputs never go into the dataset
-        if path.resolve() == data.resolve() or data.resolve() in path.resolve().parents:
-            raise ValueError(f"{name} {path} is the --data folder {data} or inside it: choose a folder outside it")
+    D.refuse_inside(data, **{"--out": out, "--work": work})
     ds = open_dataset(data)  # fails here, naming the folder, when DATA is not a dataset
     cfg = load_config(Path(args.config), [f"data.root={data}", *args.overrides])
     size = cfg.data.image_size

@@ -108,6 +108,7 @@ def main(argv=None) -> int:
 
     progress = not args.quiet
     out, data, work = Path(args.out), Path(args.data), Path(args.work)
+    D.refuse_inside(data, **{"--out": out, "--work": work})
     timings = {}
     t0 = time.time()
     ct_dir = D.ensure_phantom(data / "ct", "ct", args.cases, 0, shape=args.shape)
