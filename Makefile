@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/python tools/demo.py --data $(DEMO_DATA) --out $(DEMO_DIR)
 
 # the generator on the phantom CT: samples, their quality, and its UNet as SD-FSMIS's prior at an
-# equal CPU budget (reuses make demo's data, VAE and trained run)
+# equal CPU budget against a random UNet (reuses make demo's data, VAE and generator)
 demo-generator: $(STAMP)
 	$(BIN)/python tools/demo_generator.py --data $(DEMO_DATA) --out $(DEMO_GEN_DIR)
 

@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = ["--cases", "5", "--shape", "10,48,48", "--vae-steps", "2", "--quiet",
+TINY = ["--cases", "5", "--shape", "10,48,48", "--vae-steps", "2", "--quiet", "--gen-steps", "2",
+        "--gen-set", "data.min_fg_pixels=10", "--gen-set", "train.batch_size=2",
         "data.image_size=32", "data.min_fg_pixels=10", "train.max_steps=2", "train.val_every=2",
         "train.ckpt_every=2", "train.image_every=0", "eval.chunk_batch=8"]
 
@@ -50,13 +51,29 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     # the MR phantom is evaluated only: no supervoxels written for it
     assert not list((tmp_path / "data" / "mr").glob("supervoxels_*"))
     assert list((tmp_path / "data" / "ct").glob("supervoxels_*"))
-    # a second call reuses the data, the VAE and the trained run
+    # SD-FSMIS started from the demo generator's UNet (the default --init generator)
+    import yaml
+
+    work = tmp_path / "work"
+    cfg = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert Path(cfg["model"]["unet_init"]) == work / "generator"
+    assert json.loads((work / "generator" / "train_summary.json").read_text())["steps"] == 2
+    assert "UNet initialised from the demo generator trained 2 steps" in report
+    # a second call reuses the data, the VAE, the generator and the trained run
     second = _run(tmp_path)
     assert "reusing phantom CT" in second and "reusing the trained demo model" in second
+    assert "reusing the trained demo generator" in second
     assert "train demo VAE" not in second
     again = json.loads((out / "results.json").read_text())
     assert again["sdfsmis"]["in_domain"]["mean_dice"] == pytest.approx(results["sdfsmis"]["in_domain"]["mean_dice"])
     assert "generating" in first
+    # --init random: a run of its own from a random UNet, beside the generator-initialised one
+    third = _run(tmp_path, "--init", "random")
+    assert "training the demo SD-FSMIS" in third and "demo generator" not in third
+    cfg = yaml.safe_load((work / "run_random" / "config.yaml").read_text())
+    assert cfg["model"]["unet_init"] is None
+    assert "UNet initialised at random" in (out / "report.md").read_text()
+    assert (work / "run" / "train_summary.json").is_file()
 
 
 def test_demo_rejects_a_bad_shape(tmp_path):

@@ -5,12 +5,16 @@
 2. trains (or reuses, cached by data and config) the small demo VAE (configs/demo_vae.yaml,
    through the training engine) on the phantom CT images and supervoxel masks; its mask
    reconstruction Dice is the ceiling of the demo model and is reported as an "oracle" row;
-3. trains the demo SD-FSMIS (configs/demo.yaml) self-supervised on fold 0 of the phantom CT
+3. trains (or reuses) the demo generator (configs/generator_demo.yaml, DEMO_GENERATOR_STEPS
+   steps on the fold-0 training cases of the phantom CT, label-free), the diffusion prior whose
+   UNet initialises SD-FSMIS (``--init generator``, the default; ``--init random`` starts from a
+   random UNet as without Stable Diffusion weights, and skips this step);
+4. trains the demo SD-FSMIS (configs/demo.yaml) self-supervised on fold 0 of the phantom CT
    (resumed or reused when a finished run with the same config exists);
-4. evaluates SD-FSMIS and support-copy with the canonical protocol (EP1, 1-shot):
+5. evaluates SD-FSMIS and support-copy with the canonical protocol (EP1, 1-shot):
    in-domain on CT fold 0 (the fold whose queries the model never saw), and cross-domain on all
    5 folds of the phantom MR (CT -> MR);
-5. writes OUT/results.json ({method: {in_domain: results, cross_domain: results}}, each in the
+6. writes OUT/results.json ({method: {in_domain: results, cross_domain: results}}, each in the
    evaluator's schema), OUT/report.md (tables and pictures) and per-run folders.
 """
 from __future__ import annotations
@@ -30,6 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # then predicted nothing on the validation case within the 600 steps of an earlier demo recipe.)
 DEMO_SUPERVOXEL_MIN_SIZE = None
 DEMO_VAE_STEPS = 360
+# Training steps of the demo generator (configs/generator_demo.yaml): the prior measured in
+# docs/measurements/generator_prior.md.
+DEMO_GENERATOR_STEPS = 400
+INITS = ("generator", "random")
 
 
 def ensure_phantom(folder: Path, modality: str, cases: int, seed: int, supervoxels: bool = True,
@@ -125,6 +133,38 @@ def train_demo_model(config: Path, run: Path, overrides: list[str], progress: bo
     return cfg, ensure_trained(cfg, run, progress, describe, name="demo model")
 
 
+def ensure_generator(gen_config: Path, ct_dir: Path, vae_dir: Path, image_size: int, steps: int, run: Path,
+                     progress: bool, overrides=()):
+    """Train (or reuse, or resume) the demo generator on ``ct_dir`` in the demo VAE's latent space,
+    at the SD-FSMIS model's image size. Returns (its config, its training summary)."""
+    from fsmis.config import load_config
+
+    cfg = load_config(Path(gen_config), [
+        f"data.root={ct_dir}", f"model.vae_path={vae_dir}", f"data.image_size={image_size}",
+        f"train.max_steps={steps}", *overrides])
+
+    def describe(tr):
+        return (f"training the demo generator: {steps} steps of {cfg.train.batch_size} slices "
+                f"({tr.method.data.n_items()} supervoxel regions of the fold-{cfg.data.fold} training cases)")
+
+    return cfg, ensure_trained(cfg, run, progress, describe, name="demo generator")
+
+
+def add_init_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose SD-FSMIS's initialisation (shared by demo.py and seeds.py)."""
+    from fsmis.cli import positive_int
+
+    p.add_argument("--init", choices=INITS, default="generator",
+                   help="SD-FSMIS's UNet starts from the demo generator's UNet (default; the generator is "
+                        "trained once and cached in WORK/generator) or from random weights")
+    p.add_argument("--generator-config", default=str(ROOT / "configs" / "generator_demo.yaml"),
+                   help="demo generator config (with --init generator)")
+    p.add_argument("--gen-steps", type=positive_int, default=DEMO_GENERATOR_STEPS,
+                   help=f"demo generator training steps (default {DEMO_GENERATOR_STEPS})")
+    p.add_argument("--gen-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override of the generator config (repeatable), e.g. --gen-set train.seed=1")
+
+
 def _shape(text: str) -> tuple:
     try:
         z, y, x = (int(v) for v in text.split(","))
@@ -141,15 +181,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="datasets/phantom", help="phantom data folder (ct/ and mr/ inside)")
     p.add_argument("--out", default="results/demo", help="report folder")
-    p.add_argument("--work", default="checkpoints/demo", help="cache of the demo VAE and the trained run")
+    p.add_argument("--work", default="checkpoints/demo",
+                   help="cache of the demo VAE, the generator and the trained run (WORK/run; WORK/run_random "
+                        "with --init random)")
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="SD-FSMIS demo config")
     p.add_argument("--vae-config", default=str(ROOT / "configs" / "demo_vae.yaml"), help="demo VAE config")
     p.add_argument("--cases", type=int, default=10, help="phantom cases per modality")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="phantom seed (CT: SEED, MR: SEED + 1000)")
     p.add_argument("--shape", type=_shape, default=None, metavar="Z,Y,X",
                    help="phantom volume shape (default: the phantom's 40,256,256)")
     p.add_argument("--vae-steps", type=positive_int, default=DEMO_VAE_STEPS,
                    help=f"demo VAE training steps (default {DEMO_VAE_STEPS})")
+    add_init_arguments(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     args = p.parse_args(argv)
@@ -182,13 +225,23 @@ def main(argv=None) -> int:
     vae_report = json.loads((vae_dir / REPORT_NAME).read_text(encoding="utf-8"))
     timings["vae_s"] = round(time.time() - t1, 1)
 
+    overrides = [f"data.root={ct_dir}", f"model.vae_path={vae_dir}"]
+    gen_summary = None
+    if args.init == "generator":
+        t1 = time.time()
+        _, gen_summary = ensure_generator(args.generator_config, ct_dir, vae_dir, size, args.gen_steps,
+                                          work / "generator", not args.quiet, args.gen_set)
+        overrides.append(f"model.unet_init={work / 'generator'}")
+        timings["generator_s"] = round(time.time() - t1, 1)
+    overrides += args.overrides
+
     t1 = time.time()
-    overrides = [f"data.root={ct_dir}", f"model.vae_path={vae_dir}", *args.overrides]
-    cfg, summary = train_demo_model(Path(args.config), work / "run", overrides, not args.quiet)
+    run = work / ("run" if args.init == "generator" else "run_random")
+    cfg, summary = train_demo_model(Path(args.config), run, overrides, not args.quiet)
     timings["train_s"] = round(time.time() - t1, 1)
     fold = cfg.data.fold
 
-    methods = {"sdfsmis": trained_predictor(work / "run", cfg),
+    methods = {"sdfsmis": trained_predictor(run, cfg),
                "support-copy": build_predictor("support-copy")}
     ct, mr = open_dataset(ct_dir), open_dataset(mr_dir)
     splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[fold])),
@@ -228,7 +281,9 @@ def main(argv=None) -> int:
         "# Demo report", "", f"**{verdict}**", "",
         f"Phantom data: {args.cases} CT and {args.cases} MR cases (seeds {args.seed}, {args.seed + 1000}). "
         f"SD-FSMIS: configs/demo.yaml ({summary['steps']} steps on phantom CT fold {fold}, self-supervised "
-        f"supervoxel episodes, best validation Dice {summary['best_val_dice']:.3f}), demo VAE "
+        f"supervoxel episodes, best validation Dice {summary['best_val_dice']:.3f}, "
+        + (f"UNet initialised from the demo generator trained {gen_summary['steps']} steps in "
+           f"{gen_summary['seconds']:.0f} s" if gen_summary else "UNet initialised at random") + "), demo VAE "
         f"{vae_dir.parent.name} (latent scaling factor {vae_report['scaling_factor']:.4f}). Mean Dice (%), canonical protocol, EP1, 1-shot, per-volume 3D Dice. In-domain: "
         f"fold {fold} of the CT (its queries were never trained on); cross-domain: all 5 folds of the MR.", "",
         *summary_rows, "", "The oracle row is the Dice of the demo VAE's own reconstruction of the true masks: "

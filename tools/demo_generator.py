@@ -11,8 +11,9 @@ equal CPU budget. Everything is cached under --work, like `make demo`.
    holds them in the standard layout with samples.png; their quality.json (FID/KID on the demo
    VAE's features, SSIM/PSNR against the source slice, mask Dice with the random-init SD-FSMIS run
    as the segmenter, memorisation) becomes a table;
-4. the prior at an equal CPU budget: SD-FSMIS from a random UNet (configs/demo.yaml, the demo's
-   run: --work/run, reused when make demo trained it with the same config) against SD-FSMIS with
+4. the prior at an equal CPU budget: SD-FSMIS from a random UNet (configs/demo.yaml in
+   --work/run_random, the run of `tools/demo.py --init random`, reused when that trained it with
+   the same config) against SD-FSMIS with
    model.unet_init=<generator run>, whose training gets the random run's steps minus the steps the
    generator's training seconds buy at the random run's measured seconds per step (the
    generator's time counts against the prior); both evaluated in-domain (CT fold 0) and
@@ -37,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_GENERATOR_STEPS = 400
 
 
 def equal_budget_steps(random_steps: int, random_seconds: float, generator_seconds: float) -> int:
@@ -83,8 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=positive_int, default=10, help="phantom cases per modality")
     p.add_argument("--shape", type=D._shape, default=None, metavar="Z,Y,X", help="phantom volume shape")
     p.add_argument("--vae-steps", type=positive_int, default=D.DEMO_VAE_STEPS)
-    p.add_argument("--gen-steps", type=positive_int, default=DEMO_GENERATOR_STEPS,
-                   help=f"generator training steps (default {DEMO_GENERATOR_STEPS})")
+    p.add_argument("--gen-steps", type=positive_int, default=D.DEMO_GENERATOR_STEPS,
+                   help=f"generator training steps (default {D.DEMO_GENERATOR_STEPS})")
     p.add_argument("--sources", type=positive_int, default=2, help="source cases of the synthetic set (default 2)")
     p.add_argument("--per-case", type=positive_int, default=1, help="synthetic cases per source (default 1)")
     p.add_argument("--sample-steps", type=positive_int, default=None, help="DDIM steps (default: the generator's)")
@@ -120,18 +120,13 @@ def main(argv=None) -> int:
 
     # 2. the generator
     gen_run = work / "generator"
-    gen_cfg = load_config(Path(args.generator_config), [
-        f"data.root={ct_dir}", f"model.vae_path={vae_dir}", f"data.image_size={size}",
-        f"train.max_steps={args.gen_steps}", *args.gen_set])
-    gen_summary = D.ensure_trained(
-        gen_cfg, gen_run, progress, name="demo generator",
-        describe=lambda tr: f"training the demo generator: {args.gen_steps} steps of {gen_cfg.train.batch_size} "
-                            f"slices ({tr.method.data.n_items()} supervoxel regions of phantom CT fold-0 training cases)")
+    _, gen_summary = D.ensure_generator(args.generator_config, ct_dir, vae_dir, size, args.gen_steps, gen_run,
+                                        progress, args.gen_set)
     gen_seconds = float(gen_summary["seconds"])
 
     # 4a. SD-FSMIS from a random UNet (the demo's run)
     base = [f"data.root={ct_dir}", f"model.vae_path={vae_dir}", *args.overrides]
-    cfg_r, sum_r = D.train_demo_model(Path(args.config), work / "run", base, progress)
+    cfg_r, sum_r = D.train_demo_model(Path(args.config), work / "run_random", base, progress)
     steps_p = equal_budget_steps(int(sum_r["steps"]), float(sum_r["seconds"]), gen_seconds)
     # 4b. SD-FSMIS from the generator's UNet, at the equal budget
     cfg_p, sum_p = D.train_demo_model(Path(args.config), work / "run_prior",
@@ -144,7 +139,7 @@ def main(argv=None) -> int:
     sources = [str(c) for d, c in trained_on.get("cases", []) if int(d) == 0][: args.sources] or None
     syn = synthesize(gen_run, ct_dir, synth_dir, args.per_case, seed=args.seed, steps=args.sample_steps,
                      cases=sources, device="cpu", progress=progress, quality=False, overwrite=True)
-    quality = write_quality(ct_dir, synth_dir, synth_dir / "quality.json", checkpoint=work / "run", device="cpu",
+    quality = write_quality(ct_dir, synth_dir, synth_dir / "quality.json", checkpoint=work / "run_random", device="cpu",
                             progress=progress)
     timings["synthesis_s"] = syn["seconds_synthesis"]
     timings["quality_s"] = round(time.time() - t1 - syn["seconds_synthesis"], 1)
@@ -152,7 +147,7 @@ def main(argv=None) -> int:
     # 4c. evaluation of both arms and support-copy
     ct, mr = open_dataset(ct_dir), open_dataset(mr_dir)
     splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[cfg_r.data.fold])), "cross_domain": (mr, ProtocolConfig())}
-    arms = {"sdfsmis_random_init": D.trained_predictor(work / "run", cfg_r),
+    arms = {"sdfsmis_random_init": D.trained_predictor(work / "run_random", cfg_r),
             "sdfsmis_generator_init": D.trained_predictor(work / "run_prior", cfg_p),
             "support-copy": build_predictor("support-copy")}
     results, figures = {}, []

@@ -2,8 +2,9 @@
 """The demo over several training seeds: median and range of SD-FSMIS against support-copy.
 
 For each seed, the demo SD-FSMIS (configs/demo.yaml, or --config) is trained on phantom CT fold 0
-with ``train.seed=<seed>`` (the phantom data and the demo VAE are those of ``make demo``, shared by
-every seed) and evaluated in-domain (CT fold 0) and cross-domain (CT -> MR, 5 folds) with the
+with ``train.seed=<seed>`` (the phantom data, the demo VAE and, with ``--init generator`` as in
+``make demo``, the demo generator whose UNet initialises SD-FSMIS are those of ``make demo``, trained
+once and shared by every seed) and evaluated in-domain (CT fold 0) and cross-domain (CT -> MR, 5 folds) with the
 canonical protocol; support-copy is evaluated once. A finished seed's run is reused.
 
   python tools/seeds.py --seeds 0 1 2 3 4 --out results/seeds
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--vae-steps", type=int, default=None, help="demo VAE steps (default: the demo's)")
     p.add_argument("--threshold-ratios", type=float, nargs="+", default=[], metavar="R",
                    help="also score each trained seed with these model.threshold_ratio values (no retraining)")
+    D.add_init_arguments(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the SD-FSMIS config (the recipe under test)")
     args = p.parse_args(argv)
@@ -128,6 +130,13 @@ def main(argv=None) -> int:
         size = load_config(Path(args.config), args.overrides).data.image_size
         vae_cfg = D.demo_vae_config(args.vae_config, ct_dir, vae_steps, size)
         vae_dir, _ = ensure_autoencoder(vae_cfg, work / "vae", progress=not args.quiet)
+        init, generator = [], None
+        if args.init == "generator":
+            _, gen_summary = D.ensure_generator(args.generator_config, ct_dir, vae_dir, size, args.gen_steps,
+                                                work / "generator", not args.quiet, args.gen_set)
+            init = [f"model.unet_init={work / 'generator'}"]
+            generator = {"run": str(work / "generator"), "steps": gen_summary["steps"],
+                         "seconds": gen_summary["seconds"], "overrides": args.gen_set}
         ct, mr = open_dataset(ct_dir), open_dataset(mr_dir)
         splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[0], surface_metrics=False)),
                   "cross_domain": (mr, ProtocolConfig(surface_metrics=False))}
@@ -143,7 +152,8 @@ def main(argv=None) -> int:
         results = {}
         for seed in args.seeds:
             t0 = time.time()
-            overrides = [f"data.root={ct_dir}", f"model.vae_path={vae_dir}", *args.overrides, f"train.seed={seed}"]
+            overrides = [f"data.root={ct_dir}", f"model.vae_path={vae_dir}", *init, *args.overrides,
+                         f"train.seed={seed}"]
             cfg, summary = D.train_demo_model(Path(args.config), out / "runs" / f"seed{seed}", overrides,
                                               not args.quiet)
             predictor = D.trained_predictor(out / "runs" / f"seed{seed}", cfg)
@@ -159,6 +169,7 @@ def main(argv=None) -> int:
                   f"{100 * res['cross_domain']['mean']:.2f} (support-copy {100 * baseline['in_domain']['mean']:.2f} / "
                   f"{100 * baseline['cross_domain']['mean']:.2f})", flush=True)
             atomic_write_json(out / "seeds.json", {"config": str(args.config), "overrides": args.overrides,
+                                                   "init": args.init, "generator": generator,
                                                    "support_copy": baseline, "seeds": results})
     except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -167,7 +178,11 @@ def main(argv=None) -> int:
     extra = threshold_table(results, baseline)
     if extra:
         text += "\n\n" + extra
-    atomic_write_text(out / "seeds.md", f"# {Path(args.config).name} {' '.join(args.overrides)}\n\n{text}\n")
+    init_line = (f"SD-FSMIS's UNet initialised from the demo generator ({generator['run']}, {generator['steps']} steps, "
+                 f"{generator['seconds']:.0f} s, trained once for all seeds)" if generator
+                 else "SD-FSMIS's UNet initialised at random")
+    atomic_write_text(out / "seeds.md", f"# {Path(args.config).name} {' '.join(args.overrides)}\n\n{init_line}.\n\n"
+                                        f"{text}\n")
     print(text)
     print(f"wrote {out / 'seeds.json'} and {out / 'seeds.md'}")
     return 0

@@ -38,17 +38,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsmis.cli import non_negative_float, positive_int  # noqa: E402
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+from fsmis.cli import non_negative_float, non_negative_int, positive_int  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the dataset of the source cases (the generator's training dataset unless --cases)")
     p.add_argument("--out", required=True, metavar="DIR", help="the synthetic dataset folder to write")
     p.add_argument("--per-case", required=True, type=positive_int, metavar="N", help="synthetic cases per source case")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0); same seed -> same files")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0); same seed -> same files")
     p.add_argument("--steps", type=positive_int, default=None, metavar="K",
                    help="DDIM steps (default: the run's model.sample_steps)")
     p.add_argument("--guidance", type=non_negative_float, default=None, metavar="G",
