@@ -150,19 +150,24 @@ def ensure_generator(gen_config: Path, ct_dir: Path, vae_dir: Path, image_size: 
     return cfg, ensure_trained(cfg, run, progress, describe, name="demo generator")
 
 
-def add_init_arguments(p: argparse.ArgumentParser) -> None:
-    """The options that choose SD-FSMIS's initialisation (shared by demo.py and seeds.py)."""
+def add_generator_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo generator's options (shared by demo.py, seeds.py and demo_generator.py)."""
     from fsmis.cli import positive_int
 
-    p.add_argument("--init", choices=INITS, default="generator",
-                   help="SD-FSMIS's UNet starts from the demo generator's UNet (default; the generator is "
-                        "trained once and cached in WORK/generator) or from random weights")
     p.add_argument("--generator-config", default=str(ROOT / "configs" / "generator_demo.yaml"),
-                   help="demo generator config (with --init generator)")
+                   help="demo generator config")
     p.add_argument("--gen-steps", type=positive_int, default=DEMO_GENERATOR_STEPS,
                    help=f"demo generator training steps (default {DEMO_GENERATOR_STEPS})")
     p.add_argument("--gen-set", action="append", default=[], metavar="KEY=VALUE",
                    help="an override of the generator config (repeatable), e.g. --gen-set train.seed=1")
+
+
+def add_init_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose SD-FSMIS's initialisation (shared by demo.py and seeds.py)."""
+    p.add_argument("--init", choices=INITS, default="generator",
+                   help="SD-FSMIS's UNet starts from the demo generator's UNet (default; the generator is "
+                        "trained once and cached in WORK/generator) or from random weights")
+    add_generator_arguments(p)
 
 
 def _shape(text: str) -> tuple:
