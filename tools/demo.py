@@ -72,14 +72,41 @@ def refuse_inside(data: Path, **outputs: Path) -> None:
             raise ValueError(f"{name} {path} is the --data folder {data} or inside it: choose a folder outside it")
 
 
+# train.* keys that only decide when the engine logs, writes a preview or saves a checkpoint: they
+# change no weights (tests/test_demo_reuse.py trains with other values and compares the weights), so a
+# finished run is reused across them
+WEIGHT_NEUTRAL_KEYS = ("train.ckpt_every", "train.image_every", "train.log_every")
+
+
 def _training_keys(cfg) -> dict:
-    """The config without the post-processing keys (which a trained run can take unchanged)."""
+    """The config without the post-processing keys (which a trained run can take unchanged) and
+    without the weight-neutral logging keys."""
     from fsmis.models.sd_fsmis import POSTPROCESS_KEYS
 
     d = cfg.to_dict()
     for k in POSTPROCESS_KEYS:
         d.get("model", {}).pop(k, None)
+    for dotted in WEIGHT_NEUTRAL_KEYS:
+        section, key = dotted.split(".")
+        d.get(section, {}).pop(key, None)
     return d
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, wanted: dict) -> list[str]:
+    """``key: saved -> wanted`` for every dotted key whose value differs between two config dicts."""
+    a, b = _flat(saved), _flat(wanted)
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "<unset>") != b.get(k, "<unset>")]
 
 
 def trained_predictor(run: Path, cfg):
@@ -96,19 +123,21 @@ def trained_predictor(run: Path, cfg):
 
 def ensure_trained(cfg, run: Path, progress: bool, describe=None, name: str = "run"):
     """Train ``cfg`` into ``run`` through the engine, or reuse a finished run of the same config
-    (post-processing keys aside), or resume an interrupted one. A run folder holding another
-    config is started again. ``describe(trainer)`` gives the line printed before training.
+    (post-processing and weight-neutral logging keys aside), or resume an interrupted one. A run
+    folder holding another config is never deleted: a ValueError names the keys that differ.
+    ``describe(trainer)`` gives the line printed before training.
     Returns the training summary."""
     from fsmis.config import load_config
     from fsmis.engine import checkpoints as ck
     from fsmis.engine.trainer import Trainer
 
     saved = run / "config.yaml"
-    if saved.is_file() and _training_keys(load_config(saved)) != _training_keys(cfg):
-        print(f"{run} holds a run with another config; starting it again")
-        import shutil
-
-        shutil.rmtree(run)
+    if saved.is_file():
+        diff = config_differences(_training_keys(load_config(saved)), _training_keys(cfg))
+        if diff:  # never delete a trained run: the user chooses another folder or removes it
+            shown = "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
+            raise ValueError(f"{run} holds a {name} trained with another config ({shown}); "
+                             f"give another --work/--out folder, or delete {run} to train it again")
     idx = ck.read_index(run)
     if idx.get("last") == f"step_{cfg.train.max_steps}" and (run / "train_summary.json").is_file():
         print(f"reusing the trained {name} in {run}")
@@ -304,4 +333,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fsmis.cli import run_tool
+
+    sys.exit(run_tool(main))
