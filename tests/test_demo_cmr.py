@@ -54,10 +54,14 @@ def test_demo_cmr_end_to_end_and_reuse(tmp_path):
     assert "reusing the demo VAE" in again.stdout and "reusing the trained demo model" in again.stdout
     again_results = json.loads((out / "results.json").read_text())
     assert again_results["sdfsmis"]["in_domain"]["method"]["threshold_floor"] == 0.3
-    # a training key does not reuse it
+    # a training key does not reuse it, and the trained run is not deleted: an error names the key
+    from _cli import snapshot
+
+    before = snapshot(tmp_path / "work" / "run")
     third = _run(tmp_path, data, "train.fg_weight=3")
-    assert third.returncode == 0, third.stderr[-2000:]
-    assert "starting it again" in third.stdout
+    assert third.returncode == 2, third.stderr[-2000:]
+    assert "train.fg_weight: 5.0 -> 3.0" in third.stderr and "Traceback" not in third.stderr
+    assert snapshot(tmp_path / "work" / "run") == before
 
 
 def test_demo_cmr_refuses_a_folder_that_is_no_dataset(tmp_path):
