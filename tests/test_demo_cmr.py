@@ -86,3 +86,34 @@ def test_demo_cmr_refuses_outputs_inside_the_dataset(tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
         assert proc.returncode == 2 and flag in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
     assert sorted(p.name for p in data.iterdir()) == before
+
+
+GEN = ["--gen-steps", "2", "--gen-set", "data.min_fg_pixels=10", "--gen-set", "train.batch_size=2"]
+
+
+def test_demo_cmr_from_the_generator_at_an_equal_budget(tmp_path):
+    """--init generator trains the generator on DATA and SD-FSMIS from its UNet (WORK/run_prior);
+    --equal-budget needs the random run and takes the generator's seconds off its steps."""
+    data = _phantom(tmp_path)
+    early = _run(tmp_path, data, "--init", "generator", "--equal-budget", *GEN)
+    assert early.returncode == 2 and "train_summary.json" in early.stderr and "without --init" in early.stderr
+    assert "Traceback" not in early.stderr
+    assert _run(tmp_path, data, "--equal-budget").returncode == 2  # only with --init generator
+    first = _run(tmp_path, data, "train.max_steps=4", "train.val_every=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = _run(tmp_path, data, "--init", "generator", "--equal-budget", *GEN, "train.max_steps=4",
+                "train.val_every=2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    work = tmp_path / "work"
+    import yaml
+
+    cfg = yaml.safe_load((work / "run_prior" / "config.yaml").read_text())
+    assert cfg["model"]["unet_init"] == str(work / "generator")
+    random_summary = json.loads((work / "run" / "train_summary.json").read_text())
+    gen_summary = json.loads((work / "generator" / "train_summary.json").read_text())
+    per_step = random_summary["seconds"] / random_summary["steps"]
+    assert cfg["train"]["max_steps"] == max(1, 4 - int(round(gen_summary["seconds"] / per_step)))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "UNet initialised from the demo generator trained 2 steps" in report and "Equal budget" in report
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results) == {"sdfsmis", "support-copy"}

@@ -191,11 +191,11 @@ def add_generator_arguments(p: argparse.ArgumentParser) -> None:
                    help="an override of the generator config (repeatable), e.g. --gen-set train.seed=1")
 
 
-def add_init_arguments(p: argparse.ArgumentParser) -> None:
-    """The options that choose SD-FSMIS's initialisation (shared by demo.py and seeds.py)."""
-    p.add_argument("--init", choices=INITS, default="generator",
-                   help="SD-FSMIS's UNet starts from the demo generator's UNet (default; the generator is "
-                        "trained once and cached in WORK/generator) or from random weights")
+def add_init_arguments(p: argparse.ArgumentParser, default: str = "generator") -> None:
+    """The options that choose SD-FSMIS's initialisation (shared by demo.py, seeds.py and demo_cmr.py)."""
+    p.add_argument("--init", choices=INITS, default=default,
+                   help=f"SD-FSMIS's UNet starts from the demo generator's UNet (the generator is trained once "
+                        f"and cached in WORK/generator) or from random weights (default: {default})")
     add_generator_arguments(p)
 
 

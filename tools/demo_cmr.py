@@ -7,13 +7,18 @@ it), or a folder holding it.
 1. trains (or reuses, cached by data and config) a demo VAE (configs/demo_vae.yaml, 360 steps)
    on the Card-MRI images and supervoxel masks; its mask reconstruction Dice is the "oracle" row;
 2. trains the demo SD-FSMIS (configs/demo_cmr.yaml) self-supervised on fold 0 (resumed or
-   reused when a finished run with the same config exists);
+   reused when a finished run with the same config exists), from a random UNet (WORK/run, the
+   default) or, with ``--init generator``, from the UNet of a demo generator trained label-free on
+   the same fold's training slices (WORK/generator, then WORK/run_prior); ``--equal-budget`` then
+   gives SD-FSMIS the random run's steps minus those the generator's training time would have
+   bought (the random run must exist: train it first without ``--init``);
 3. evaluates SD-FSMIS and support-copy on fold 0 with the canonical protocol (EP1, 1-shot);
 4. writes OUT/results.json ({method: {in_domain: results}}, the demo's schema, in the evaluator's
    schema per split), OUT/report.md, the validation curve and overlay figures.
 
   make demo-cmr DATA=path/to/CMR
   python tools/demo_cmr.py --data path/to/CMR --out results/demo-cmr train.max_steps=800
+  python tools/demo_cmr.py --data path/to/CMR --out results/demo-cmr-prior --init generator --equal-budget
 """
 from __future__ import annotations
 
@@ -40,11 +45,17 @@ def main(argv=None) -> int:
     p.add_argument("--vae-config", default=str(ROOT / "configs" / "demo_vae.yaml"), help="demo VAE config")
     p.add_argument("--vae-steps", type=positive_int, default=DEMO_VAE_STEPS,
                    help=f"demo VAE training steps (default {DEMO_VAE_STEPS})")
+    import demo as D
+
+    D.add_init_arguments(p, default="random")
+    p.add_argument("--equal-budget", action="store_true",
+                   help="with --init generator: SD-FSMIS trains the random run's (WORK/run) steps minus the "
+                        "steps the generator's training time would have bought at its seconds per step")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the SD-FSMIS config")
-    args = p.parse_args(argv)
-
-    import demo as D
+    args = p.parse_intermixed_args(argv)  # options may follow the key=value overrides
+    if args.equal_budget and args.init != "generator":
+        p.error("--equal-budget needs --init generator")
 
     from fsmis.config import load_config
     from fsmis.data.datasets import open_dataset
@@ -69,13 +80,34 @@ def main(argv=None) -> int:
     vae_report = json.loads((vae_dir / REPORT_NAME).read_text(encoding="utf-8"))
     timings["vae_s"] = round(time.time() - t0, 1)
 
+    overrides = [f"data.root={data}", f"model.vae_path={vae_dir}"]
+    run, gen_summary, budget_line = work / "run", None, ""
+    if args.init == "generator":
+        from demo_generator import equal_budget_steps
+
+        t1 = time.time()
+        _, gen_summary = D.ensure_generator(args.generator_config, data, vae_dir, size, args.gen_steps,
+                                            work / "generator", not args.quiet, args.gen_set)
+        timings["generator_s"] = round(time.time() - t1, 1)
+        overrides.append(f"model.unet_init={work / 'generator'}")
+        run = work / "run_prior"
+        if args.equal_budget:
+            random_summary = work / "run" / "train_summary.json"
+            if not random_summary.is_file():
+                raise FileNotFoundError(f"{random_summary}: --equal-budget needs the random-init run; "
+                                        f"run this command without --init first (same --work)")
+            rs = json.loads(random_summary.read_text(encoding="utf-8"))
+            steps = equal_budget_steps(int(rs["steps"]), float(rs["seconds"]), float(gen_summary["seconds"]))
+            overrides.append(f"train.max_steps={steps}")
+            budget_line = (f" Equal budget: the random-init run's {rs['steps']} steps ({rs['seconds']:.0f} s) minus "
+                           f"the generator's {gen_summary['seconds']:.0f} s at its seconds per step = {steps} steps.")
+    overrides += args.overrides
     t1 = time.time()
-    overrides = [f"data.root={data}", f"model.vae_path={vae_dir}", *args.overrides]
-    cfg, summary = D.train_demo_model(Path(args.config), work / "run", overrides, not args.quiet)
+    cfg, summary = D.train_demo_model(Path(args.config), run, overrides, not args.quiet)
     timings["train_s"] = round(time.time() - t1, 1)
     fold = cfg.data.fold
 
-    methods = {"sdfsmis": D.trained_predictor(work / "run", cfg),
+    methods = {"sdfsmis": D.trained_predictor(run, cfg),
                "support-copy": build_predictor("support-copy")}
     proto = ProtocolConfig(fold_ids=[fold])
     all_results, sections = {}, []
@@ -116,8 +148,12 @@ def main(argv=None) -> int:
         "# Card-MRI demo report", "", f"**{verdict}**", "",
         f"Data: {ds.input_root} ({len(ds.case_ids)} cases). SD-FSMIS: {Path(args.config).name} "
         f"{' '.join(args.overrides)} ({summary['steps']} steps on fold {fold}, self-supervised supervoxel episodes, "
-        f"best validation Dice {summary['best_val_dice']:.3f}); demo VAE {vae_dir.parent.name} (latent scaling "
-        f"factor {vae_report['scaling_factor']:.4f}). Mean Dice (%), canonical protocol, EP1, 1-shot, per-volume 3D Dice.",
+        f"best validation Dice {summary['best_val_dice']:.3f}, "
+        + (f"UNet initialised from the demo generator trained {gen_summary['steps']} steps in "
+           f"{gen_summary['seconds']:.0f} s" if gen_summary else "UNet initialised at random")
+        + f"); demo VAE {vae_dir.parent.name} (latent scaling "
+        f"factor {vae_report['scaling_factor']:.4f}). Mean Dice (%), canonical protocol, EP1, 1-shot, per-volume 3D Dice."
+        + budget_line,
         "", *rows_md, "", f"Validation Dice by step: {history}", "", f"![validation curve](figures/{curve.name})", "",
         *sections, f"Timings (s): {json.dumps(timings)}", ""])
     atomic_write_json(out / "results.json", all_results)
