@@ -91,18 +91,27 @@ def test_demo_cmr_refuses_outputs_inside_the_dataset(tmp_path):
 GEN = ["--gen-steps", "2", "--gen-set", "data.min_fg_pixels=10", "--gen-set", "train.batch_size=2"]
 
 
+def _prior(tmp_path, data):
+    """The prior arm at an equal budget: TINY without its train.max_steps (the budget sets it)."""
+    cmd = [sys.executable, str(ROOT / "tools" / "demo_cmr.py"), "--data", str(data), "--out", str(tmp_path / "out"),
+           "--work", str(tmp_path / "work"), "--init", "generator", "--equal-budget", *GEN,
+           *(a for a in TINY if not a.startswith("train.max_steps="))]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+
+
 def test_demo_cmr_from_the_generator_at_an_equal_budget(tmp_path):
     """--init generator trains the generator on DATA and SD-FSMIS from its UNet (WORK/run_prior);
     --equal-budget needs the random run and takes the generator's seconds off its steps."""
     data = _phantom(tmp_path)
-    early = _run(tmp_path, data, "--init", "generator", "--equal-budget", *GEN)
+    early = _prior(tmp_path, data)
     assert early.returncode == 2 and "train_summary.json" in early.stderr and "without --init" in early.stderr
-    assert "Traceback" not in early.stderr
+    assert "Traceback" not in early.stderr and not (tmp_path / "work" / "generator").exists()
     assert _run(tmp_path, data, "--equal-budget").returncode == 2  # only with --init generator
     first = _run(tmp_path, data, "train.max_steps=4", "train.val_every=2")
     assert first.returncode == 0, first.stderr[-3000:]
-    proc = _run(tmp_path, data, "--init", "generator", "--equal-budget", *GEN, "train.max_steps=4",
-                "train.val_every=2")
+    both = _run(tmp_path, data, "--init", "generator", "--equal-budget", *GEN, "train.max_steps=4")
+    assert both.returncode == 2 and "train.max_steps" in both.stderr  # the budget sets the steps
+    proc = _prior(tmp_path, data)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     work = tmp_path / "work"
     import yaml

@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     args = p.parse_intermixed_args(argv)  # options may follow the key=value overrides
     if args.equal_budget and args.init != "generator":
         p.error("--equal-budget needs --init generator")
+    if args.equal_budget and any(o.startswith("train.max_steps=") for o in args.overrides):
+        p.error("--equal-budget sets train.max_steps from the random-init run: do not give it too")
 
     from fsmis.config import load_config
     from fsmis.data.datasets import open_dataset
@@ -85,6 +87,12 @@ def main(argv=None) -> int:
     if args.init == "generator":
         from demo_generator import equal_budget_steps
 
+        if args.equal_budget:  # checked before the generator's training time is spent
+            random_summary = work / "run" / "train_summary.json"
+            if not random_summary.is_file():
+                raise FileNotFoundError(f"{random_summary}: --equal-budget needs the random-init run; "
+                                        f"run this command without --init first (same --work)")
+            rs = json.loads(random_summary.read_text(encoding="utf-8"))
         t1 = time.time()
         _, gen_summary = D.ensure_generator(args.generator_config, data, vae_dir, size, args.gen_steps,
                                             work / "generator", not args.quiet, args.gen_set)
@@ -92,16 +100,13 @@ def main(argv=None) -> int:
         overrides.append(f"model.unet_init={work / 'generator'}")
         run = work / "run_prior"
         if args.equal_budget:
-            random_summary = work / "run" / "train_summary.json"
-            if not random_summary.is_file():
-                raise FileNotFoundError(f"{random_summary}: --equal-budget needs the random-init run; "
-                                        f"run this command without --init first (same --work)")
-            rs = json.loads(random_summary.read_text(encoding="utf-8"))
             steps = equal_budget_steps(int(rs["steps"]), float(rs["seconds"]), float(gen_summary["seconds"]))
-            overrides.append(f"train.max_steps={steps}")
+            budget = [f"train.max_steps={steps}"]
             budget_line = (f" Equal budget: the random-init run's {rs['steps']} steps ({rs['seconds']:.0f} s) minus "
                            f"the generator's {gen_summary['seconds']:.0f} s at its seconds per step = {steps} steps.")
     overrides += args.overrides
+    if args.equal_budget:
+        overrides += budget
     t1 = time.time()
     cfg, summary = D.train_demo_model(Path(args.config), run, overrides, not args.quiet)
     timings["train_s"] = round(time.time() - t1, 1)
