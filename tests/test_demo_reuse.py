@@ -88,7 +88,11 @@ def test_ensure_trained_reuses_across_neutral_keys_and_refuses_another_config(tm
     assert snapshot(run) == before  # the trained run is left as it was
 
 
-def test_config_differences_names_nested_and_missing_keys():
-    diff = D.config_differences({"train": {"lr": 1, "seed": 0}, "model": {"a": [1, 2]}},
-                                {"train": {"lr": 2, "seed": 0}, "model": {"a": [1, 2], "b": None}})
-    assert diff == ["model.b: '<unset>' -> None", "train.lr: 1 -> 2"]
+def test_reuse_conflicts_name_training_keys_and_skip_the_neutral_ones(tmp_path, tiny_data):
+    saved = _config(tmp_path, tiny_data, "sdfsmis", "saved")
+    wanted = _config(tmp_path, tiny_data, "sdfsmis", "wanted", lr=2e-3, seed=5, ckpt_every=1, image_every=1,
+                     log_every=1)
+    wanted.model.threshold_ratio = 0.5  # post-processing: a trained run takes it unchanged
+    wanted.model.vtct_depth = 2
+    diff = D.reuse_conflicts(saved, wanted)
+    assert diff == ["model.vtct_depth: 1 -> 2", "train.lr: 0.001 -> 0.002"]

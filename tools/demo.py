@@ -78,35 +78,15 @@ def refuse_inside(data: Path, **outputs: Path) -> None:
 WEIGHT_NEUTRAL_KEYS = ("train.ckpt_every", "train.image_every", "train.log_every")
 
 
-def _training_keys(cfg) -> dict:
-    """The config without the post-processing keys (which a trained run can take unchanged) and
-    without the weight-neutral logging keys."""
+def reuse_conflicts(saved, cfg) -> list[str]:
+    """``key: saved -> wanted`` for every key (fsmis.config.differing_keys) where ``cfg`` differs from a
+    saved run's config, the post-processing keys (a trained run takes them unchanged) and the
+    weight-neutral logging keys aside."""
+    from fsmis.config import differing_keys
     from fsmis.models.sd_fsmis import POSTPROCESS_KEYS
 
-    d = cfg.to_dict()
-    for k in POSTPROCESS_KEYS:
-        d.get("model", {}).pop(k, None)
-    for dotted in WEIGHT_NEUTRAL_KEYS:
-        section, key = dotted.split(".")
-        d.get(section, {}).pop(key, None)
-    return d
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_differences(saved: dict, wanted: dict) -> list[str]:
-    """``key: saved -> wanted`` for every dotted key whose value differs between two config dicts."""
-    a, b = _flat(saved), _flat(wanted)
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, "<unset>") != b.get(k, "<unset>")]
+    ignored = {f"model.{k}" for k in POSTPROCESS_KEYS} | set(WEIGHT_NEUTRAL_KEYS)
+    return [f"{k}: {va!r} -> {vb!r}" for k, va, vb in differing_keys(saved, cfg) if k not in ignored]
 
 
 def trained_predictor(run: Path, cfg):
@@ -133,7 +113,7 @@ def ensure_trained(cfg, run: Path, progress: bool, describe=None, name: str = "r
 
     saved = run / "config.yaml"
     if saved.is_file():
-        diff = config_differences(_training_keys(load_config(saved)), _training_keys(cfg))
+        diff = reuse_conflicts(load_config(saved), cfg)
         if diff:  # never delete a trained run: the user chooses another folder or removes it
             shown = "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
             raise ValueError(f"{run} holds a {name} trained with another config ({shown}); "

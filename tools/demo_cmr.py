@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     timings["vae_s"] = round(time.time() - t0, 1)
 
     overrides = [f"data.root={data}", f"model.vae_path={vae_dir}"]
-    run, gen_summary, budget_line = work / "run", None, ""
+    run, gen_summary, budget, budget_line = work / "run", None, [], ""
     if args.init == "generator":
         from demo_generator import equal_budget_steps
 
@@ -104,9 +104,7 @@ def main(argv=None) -> int:
             budget = [f"train.max_steps={steps}"]
             budget_line = (f" Equal budget: the random-init run's {rs['steps']} steps ({rs['seconds']:.0f} s) minus "
                            f"the generator's {gen_summary['seconds']:.0f} s at its seconds per step = {steps} steps.")
-    overrides += args.overrides
-    if args.equal_budget:
-        overrides += budget
+    overrides += [*args.overrides, *budget]  # the equal budget's steps last: it decides them
     t1 = time.time()
     cfg, summary = D.train_demo_model(Path(args.config), run, overrides, not args.quiet)
     timings["train_s"] = round(time.time() - t1, 1)
