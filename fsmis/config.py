@@ -64,6 +64,15 @@ class EvalConfig:
 
 
 @dataclass
+class GenaugConfig:
+    """Synthetic episodes in training (docs/generative-augmentation.md, use (a)); episodic methods only."""
+
+    data: list = field(default_factory=list)  # synthetic folders written by tools/synthesize.py (or filter_synthetic.py)
+    ratio: float = 0.0  # fraction of the training episodes drawn from them (0: none, the released recipe)
+    pairing: str = "source"  # source: real source slice + synthetic slice | synthetic: two slices of one synthetic case
+
+
+@dataclass
 class Config:
     name: str = "experiment"
     method: str = "sdfsmis"  # a registered method (fsmis.engine.method) or package.module:Class
@@ -71,6 +80,7 @@ class Config:
     model: Any = None  # the method's model section (its own dataclass)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    genaug: GenaugConfig = field(default_factory=GenaugConfig)
 
     def __post_init__(self):
         if self.data is None or self.model is None:
@@ -114,7 +124,8 @@ def _build(cls, values: dict, where: str):
         if not isinstance(method, str):
             raise ConfigError(f"method: expected a name, got {method!r}")
         spec = method_spec(method)
-        sub = {"data": spec.data_config, "model": spec.model_config, "train": TrainConfig, "eval": EvalConfig}
+        sub = {"data": spec.data_config, "model": spec.model_config, "train": TrainConfig, "eval": EvalConfig,
+               "genaug": GenaugConfig}
         for key in ("data", "model"):
             values = values if key in values else {**values, key: {}}
     for key, val in values.items():
@@ -149,6 +160,12 @@ def _coerce(val, ftype, where):
         if not isinstance(val, bool):
             raise ConfigError(f"{where}: expected true/false, got {val!r}")
         return val
+    if t == "list":
+        if isinstance(val, str):
+            return [val]
+        if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+            raise ConfigError(f"{where}: expected a list of paths, got {val!r}")
+        return list(val)
     if t.startswith("str"):
         if isinstance(val, list) and "list" in t:
             return [str(v) for v in val]
@@ -218,6 +235,8 @@ _RANGES = {  # key: (test, what it must be)
     "data.protocol": (lambda v: v in ("canonical", "legacy"), "canonical or legacy"),
     "data.labels": (lambda v: v in ("supervoxel", "label"), "supervoxel or label"),
     "data.shift_px": (lambda v: v >= 0, ">= 0"), "data.crop": (lambda v: v >= 1, ">= 1"),
+    "genaug.ratio": (lambda v: 0 <= v <= 1, "in [0, 1] (0: no synthetic episodes)"),
+    "genaug.pairing": (lambda v: v in ("source", "synthetic"), "source or synthetic"),
 }
 
 
@@ -238,7 +257,7 @@ def differing_keys(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
-            if isinstance(v, dict) and k in ("data", "model", "train", "eval") and not prefix:
+            if isinstance(v, dict) and k in ("data", "model", "train", "eval", "genaug") and not prefix:
                 out.update(flat(v, f"{k}."))
             else:
                 out[prefix + k] = v

@@ -115,6 +115,7 @@ class FSMISDataset:
         self.classes = dict(bench.labels)
         self.test_classes = list(bench.test_classes)
         self.supervoxel_dir = self._find_supervoxels(image_dir, bench.supervoxels)
+        self.synthetic_block, self.excluded_slices = {}, {}
 
     def _from_dataset_json(self, root: Path, meta: Path) -> None:
         try:
@@ -156,6 +157,18 @@ class FSMISDataset:
                     raise DataError(f"{meta}: test label {t!r} is not among the labels {labels}")
                 self.test_classes.append(str(t))
         self.supervoxel_dir = self._find_supervoxels(root, info.get("supervoxels"))
+        # a synthetic folder (fsmis.genaug): its block, and the slices its filters removed
+        block = info.get("synthetic")
+        self.synthetic_block = block if isinstance(block, dict) else {}
+        self.excluded_slices = {}
+        excluded = self.synthetic_block.get("excluded_slices") or {}
+        if not isinstance(excluded, dict):
+            raise DataError(f"{meta}: synthetic.excluded_slices must map case ids to lists of slice indices")
+        for cid, zs in excluded.items():
+            if not isinstance(zs, list) or not all(isinstance(z, int) and not isinstance(z, bool) and z >= 0 for z in zs):
+                raise DataError(f"{meta}: synthetic.excluded_slices[{cid!r}] must be a list of slice indices >= 0, "
+                                f"got {zs!r}")
+            self.excluded_slices[str(cid)] = sorted(set(zs))
 
     @staticmethod
     def _find_supervoxels(image_dir: Path, preferred: str | None) -> Path | None:

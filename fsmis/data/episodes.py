@@ -57,6 +57,8 @@ class Episode:
     reversed: bool
     class_name: str | None = None  # organ name when class_source == "label"
     augmented: str | None = None  # "support" | "query" | "both" | None
+    cases: tuple | None = None  # per slice (supports, then the query) when they come from different cases
+    synthetic: bool = False  # drawn from a synthetic folder (fsmis.genaug.episodes)
 
     @property
     def n_shot(self) -> int:
@@ -67,6 +69,7 @@ class Episode:
             "case": self.case, "class_source": self.class_source, "class_id": self.class_id,
             "class_name": self.class_name, "slices": list(self.slices), "reversed": self.reversed,
             "augmented": self.augmented, "n_shot": self.n_shot,
+            "cases": list(self.cases) if self.cases is not None else None, "synthetic": self.synthetic,
         }
 
 
@@ -206,9 +209,12 @@ class _SamplerBase:
         return m
 
     def allowed(self, cid: str) -> np.ndarray:
-        """Boolean [Z]: slices usable for training (Setting 2 removes some)."""
+        """Boolean [Z]: slices usable for training (Setting 2 removes some; so do the filters of a
+        synthetic folder, through its ``synthetic.excluded_slices``)."""
         z = self.dataset.load_case(cid).image.shape[0]
         ok = np.ones(z, dtype=bool)
+        dropped = [int(i) for i in getattr(self.dataset, "excluded_slices", {}).get(cid, ()) if 0 <= int(i) < z]
+        ok[dropped] = False
         if self.setting == 2:
             ex = excluded_slices(self.dataset, cid, self.test_classes, self.exclusion)
             ok[sorted(ex)] = False

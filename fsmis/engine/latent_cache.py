@@ -26,12 +26,13 @@ def episode_keys(episodes) -> tuple[list, list, list, list]:
         if e.augmented is not None:
             raise ValueError("latent caching needs episodes without augmentation")
         k = e.n_shot
-        for z in e.slices[:k]:
-            s_img.append((e.case, int(z)))
-            s_msk.append((e.case, int(z), e.class_source, int(e.class_id)))
-        for z in e.slices[k:]:
-            q_img.append((e.case, int(z)))
-            q_msk.append((e.case, int(z), e.class_source, int(e.class_id)))
+        cases = e.cases if e.cases is not None else (e.case,) * len(e.slices)
+        for c, z in zip(cases[:k], e.slices[:k]):
+            s_img.append((c, int(z)))
+            s_msk.append((c, int(z), e.class_source, int(e.class_id)))
+        for c, z in zip(cases[k:], e.slices[k:]):
+            q_img.append((c, int(z)))
+            q_msk.append((c, int(z), e.class_source, int(e.class_id)))
     return s_img, s_msk, q_img, q_msk
 
 

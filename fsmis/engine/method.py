@@ -33,6 +33,7 @@ class Method:
     """Base class of a trainable method. ``cfg`` is the whole :class:`~fsmis.config.Config`."""
 
     name: str = "method"
+    supports_genaug: bool = False  # whether genaug.ratio > 0 (synthetic training episodes) is accepted
     model_config: type = dict  # dataclass of the ``model:`` section
     data_config: type = DataConfig  # dataclass of the ``data:`` section
 
@@ -118,6 +119,14 @@ class Method:
     def preview(self, step: int) -> torch.Tensor | None:
         """An image [C, H, W] in [0, 1] for TensorBoard, or None."""
         return None
+
+    def scalars(self, step: int) -> dict:
+        """Extra TensorBoard scalars after optimiser step ``step`` (e.g. episode counts)."""
+        return {}
+
+    def summary_facts(self, step: int) -> dict:
+        """Facts merged into train_summary.json after ``step`` steps (e.g. ``{"episodes": {...}}``)."""
+        return {}
 
     def finalize(self, run_dir: Path, summary: dict) -> list[Path]:
         """Called once training reached ``max_steps``: write exported files, return their paths."""

@@ -126,6 +126,11 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         self.method = method_class(cfg.method)(cfg, self.device, self.rank, self.world)
+        if cfg.genaug.ratio > 0 and not self.method.supports_genaug:
+            from ..config import ConfigError
+
+            raise ConfigError(f"genaug.ratio={cfg.genaug.ratio:g}: method {cfg.method!r} does not train on episodes; "
+                              "synthetic episodes are for the episodic methods (genaug.ratio=0)")
         self.method.setup_data()
         self.method.build()
         self.model = self.method.module
@@ -323,6 +328,8 @@ class Trainer:
                 if writer is not None and (self.step % cfg.train.log_every == 0 or self.step == 1):
                     for k, v in stats.items():
                         writer.add_scalar(f"train/{k}", v, self.step)
+                    for k, v in self.method.scalars(self.step).items():
+                        writer.add_scalar(k, v, self.step)
                 if writer is not None and cfg.train.image_every and self.step % cfg.train.image_every == 0:
                     image = self.method.preview(self.step)
                     if image is not None:
@@ -355,7 +362,8 @@ class Trainer:
             if writer is not None:
                 writer.close()
         summary = {"method": cfg.method, "steps": self.step, "seconds": round(time.time() - t0, 1),
-                   "best_val_dice": self.best, "history": self.history, "index": ck.read_index(self.run_dir)}
+                   "best_val_dice": self.best, "history": self.history, "index": ck.read_index(self.run_dir),
+                   **self.method.summary_facts(self.step)}
         if self.is_main:
             summary["exported"] = [str(p) for p in self.method.finalize(self.run_dir, summary)]
             atomic_write_json(self.run_dir / "train_summary.json", summary)

@@ -453,15 +453,16 @@ def fidelity(pair: SyntheticPair, bar=None) -> dict:
     return {"ssim": _mean(all_ssim), "psnr": _mean(all_psnr), "per_case": per_case}
 
 
-def mask_faithfulness(pair: SyntheticPair, predictor, segmenter: str, bar=None) -> dict:
-    """Dice of the segmenter's prediction on each synthetic slice (support: the real source slice
-    and its class mask, 1-shot) against the synthetic label, over the slices where both labels
-    have the class."""
+def agreement_rows(pair: SyntheticPair, predictor, bar=None) -> list[dict]:
+    """One row ``{"case", "z", "class", "dice"}`` per synthetic case, test class and slice z where
+    both the synthetic and the source label have the class: the segmenter's prediction on the
+    synthetic slice (support: the real source slice z and its class mask, 1-shot) against the
+    synthetic label slice."""
     from ..data.normalize import normalize_volume
     from ..evaluation.metrics import dice
 
     norm = predictor.normalization
-    per_class: dict = {c: [] for c in pair.synthetic.test_classes}
+    rows = []
     for sid in pair.synthetic.case_ids:
         src = pair.sources[sid]
         r_case, s_case = pair.real.load_case(src), pair.synthetic.load_case(sid)
@@ -476,10 +477,19 @@ def mask_faithfulness(pair: SyntheticPair, predictor, segmenter: str, bar=None) 
                 if out.shape != (1,) + s_img.shape[1:]:
                     raise RuntimeError(f"{predictor.name} returned shape {out.shape}, expected {(1,) + s_img.shape[1:]}")
                 pred = out[0] > 0.5 if out.dtype.kind == "f" else out[0].astype(bool)
-                per_class[cls].append(dice(pred, s_case.label[z] == s_id))
+                rows.append({"case": sid, "z": int(z), "class": cls, "dice": float(dice(pred, s_case.label[z] == s_id))})
         if bar is not None:
             bar.step(f"mask dice {sid}")
-    values = [v for vs in per_class.values() for v in vs]
+    return rows
+
+
+def mask_faithfulness(pair: SyntheticPair, predictor, segmenter: str, bar=None) -> dict:
+    """Dice of the segmenter's prediction on each synthetic slice (support: the real source slice
+    and its class mask, 1-shot) against the synthetic label, over the slices where both labels
+    have the class (:func:`agreement_rows`)."""
+    rows = agreement_rows(pair, predictor, bar)
+    per_class: dict = {c: [r["dice"] for r in rows if r["class"] == c] for c in pair.synthetic.test_classes}
+    values = [r["dice"] for r in rows]
     return {"segmenter": segmenter, "mean": _mean(values), "per_class": {c: _mean(v) for c, v in per_class.items()},
             "slices_per_class": {c: len(v) for c, v in per_class.items()}, "slices": len(values)}
 
@@ -675,4 +685,4 @@ def write_quality(real, synthetic, out_json, **kwargs) -> dict:
 __all__ = ["quality_report", "write_quality", "open_synthetic", "read_synthetic_block", "SyntheticPair",
            "ssim_pairs", "ssim_matrix", "polynomial_kernel", "mmd2_unbiased", "kid", "fid",
            "VAEFeatures", "DinoV2Features", "load_vae_folder", "load_dinov2_folder", "vae_from_run",
-           "fidelity", "mask_faithfulness", "memorisation", "definitions", "PSNR_CAP", "MEMO_SIZE"]
+           "fidelity", "agreement_rows", "mask_faithfulness", "memorisation", "definitions", "PSNR_CAP", "MEMO_SIZE"]

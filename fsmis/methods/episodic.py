@@ -35,6 +35,8 @@ class EpisodicMethod(Method):
 
     data_config = DataConfig
     normalization = "minmax"
+    supports_genaug = True  # genaug.data / genaug.ratio: synthetic episodes (fsmis.genaug.episodes)
+    genaug = None
 
     def setup_data(self) -> None:
         from ..data.datasets import open_dataset
@@ -45,6 +47,13 @@ class EpisodicMethod(Method):
         self.dataset = open_dataset(cfg.data.root)
         self.fold, self.train_cases, self.val_cases = fold_split(cfg, self.dataset)
         self.sampler = make_sampler(cfg, self.dataset, self.train_cases, self.normalization)
+        self.genaug = None
+        if cfg.genaug.ratio > 0:
+            from ..genaug.episodes import SyntheticEpisodes, ratio_fraction
+
+            self.genaug = SyntheticEpisodes(cfg.genaug.data, self.sampler, self.fold, self.val_cases,
+                                            cfg.genaug.pairing)
+            self._genaug_ratio = ratio_fraction(cfg.genaug.ratio)
         if self.val_cases:  # validation must not fail after the training steps
             absent = [c for c in self.dataset.test_classes if len(self.dataset.class_slices(self.fold.support, c)) == 0]
             if absent:
@@ -56,7 +65,10 @@ class EpisodicMethod(Method):
         f = self.fold
         return [("dataset", f"{self.dataset.name} ({len(self.dataset.case_ids)} cases) at {self.cfg.data.root}"),
                 (f"fold {f.fold}", f"support {f.support}, queries {list(f.queries)}"),
-                ("training cases", f"{list(self.train_cases)}"), ("validation cases", f"{list(self.val_cases)}")]
+                ("training cases", f"{list(self.train_cases)}"), ("validation cases", f"{list(self.val_cases)}")] + (
+            [("synthetic episodes", f"{self.cfg.genaug.ratio:g} of the episodes, pairing {self.genaug.pairing}, from "
+              + ", ".join(f"{f['folder']} ({f['cases']} cases)" for f in self.genaug.facts))]
+            if self.genaug is not None else [])
 
     def data_identity(self) -> dict:
         from pathlib import Path
@@ -64,11 +76,40 @@ class EpisodicMethod(Method):
         f = self.fold
         return {"name": self.dataset.name, "image_dir": str(Path(self.dataset.image_dir).resolve()),
                 "cases": list(self.dataset.case_ids), "fold": f.fold, "support": f.support,
-                "queries": list(f.queries), "train": list(self.train_cases), "validation": list(self.val_cases)}
+                "queries": list(f.queries), "train": list(self.train_cases), "validation": list(self.val_cases),
+                **({"synthetic": [x["folder"] for x in self.genaug.facts]} if self.genaug is not None else {})}
 
     def episodes(self, step: int, micro: int):
+        """The episodes of micro-batch ``micro`` of step ``step``, from a generator seeded by (seed, step,
+        micro, rank); with ``genaug.ratio`` > 0, episode i of the run is synthetic as
+        :func:`fsmis.genaug.episodes.is_synthetic` says."""
         rng = np.random.default_rng([self.cfg.train.seed, step, micro, self.rank])
-        return [self.sampler.sample(rng) for _ in range(self.cfg.train.batch_size)], rng
+        b = self.cfg.train.batch_size
+        if self.genaug is None:
+            return [self.sampler.sample(rng) for _ in range(b)], rng
+        from ..genaug.episodes import is_synthetic
+
+        base = ((step * self.cfg.train.grad_accum + micro) * self.world + self.rank) * b
+        return [self.genaug.sample(rng) if is_synthetic(base + j, self._genaug_ratio) else self.sampler.sample(rng)
+                for j in range(b)], rng
+
+    def episode_counts(self, steps: int) -> dict:
+        """{"real": N, "synthetic": M}: the episodes of the first ``steps`` optimiser steps, every rank."""
+        from ..genaug.episodes import episode_counts, ratio_fraction
+
+        t = self.cfg.train
+        n = int(steps) * t.grad_accum * self.world * t.batch_size
+        return episode_counts(n, self._genaug_ratio if self.genaug is not None else ratio_fraction(0))
+
+    def scalars(self, step: int) -> dict:
+        c = self.episode_counts(step)
+        return {"episodes/real": c["real"], "episodes/synthetic": c["synthetic"]}
+
+    def summary_facts(self, step: int) -> dict:
+        facts = {"episodes": self.episode_counts(step)}
+        if self.genaug is not None:
+            facts["genaug"] = {"ratio": self.cfg.genaug.ratio, **self.genaug.describe()}
+        return facts
 
     def validate(self) -> float | None:
         if not self.val_cases:
