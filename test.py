@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", nargs="+", help="test classes by name (default: the dataset's test classes)")
     g.add_argument("--support-case", help="evaluate this one support case against --query-cases (no folds)")
     g.add_argument("--query-cases", nargs="+", help="query case ids for --support-case")
+    g = p.add_argument_group("synthetic support (docs/generative-augmentation.md; recorded in results.json)")
+    g.add_argument("--synthetic-support", type=int, default=0, metavar="M",
+                   help="add M generated variants (edited mask, generated image in the dataset's modality) of each "
+                        "support slice to the support: K = 1 + M (needs --generator; default 0)")
+    g.add_argument("--generator", metavar="RUN", help="a trained generator run (method: generator)")
+    g.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic variants (default 0)")
+    g.add_argument("--synthetic-steps", type=int, default=None, metavar="K",
+                   help="DDIM steps of the variants (default: the generator run's model.sample_steps)")
+    g.add_argument("--synthetic-guidance", type=float, default=None, metavar="G",
+                   help="guidance scale of the variants (default: the generator run's model.guidance)")
     p.add_argument("--no-surface", action="store_true", help="skip HD95/ASD (faster)")
     p.add_argument("--no-nifti", action="store_true", help="do not write NIfTI predictions")
     p.add_argument("--no-figures", action="store_true",
@@ -91,6 +101,10 @@ def main(argv=None) -> int:
         parser.error("give --method (e.g. support-copy) or --checkpoint RUN_DIR")
     if args.n_folds < 1 or args.n_part < 1:
         parser.error(f"--n-folds ({args.n_folds}) and --n-part ({args.n_part}) must be >= 1")
+    if args.synthetic_support < 0:
+        parser.error(f"--synthetic-support must be >= 0, got {args.synthetic_support}")
+    if (args.synthetic_support > 0) != (args.generator is not None):
+        parser.error("--synthetic-support M (M >= 1) and --generator RUN go together")
     bad_folds = [k for k in args.folds or [] if not 0 <= k < args.n_folds]
     if bad_folds:
         parser.error(f"--folds {' '.join(map(str, bad_folds))}: out of range 0..{args.n_folds - 1} "
@@ -108,6 +122,13 @@ def main(argv=None) -> int:
             training = training_protocol(run, ds, args)
         else:
             predictor = build_predictor(args.method, config=args.config)
+        if args.synthetic_support:
+            from fsmis.genaug.generator import modality_token
+            from fsmis.genaug.support import SyntheticSupport
+
+            predictor = SyntheticSupport(predictor, args.generator, args.synthetic_support, modality_token(ds),
+                                         seed=args.synthetic_seed, steps=args.synthetic_steps,
+                                         guidance=args.synthetic_guidance)
         cfg = ProtocolConfig(
             folds=args.protocol or "canonical", supp_idx=2 if args.supp_idx is None else args.supp_idx,
             n_folds=args.n_folds, fold_ids=args.folds,

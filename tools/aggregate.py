@@ -36,9 +36,12 @@ def main(argv=None) -> int:
             return 2
         runs.append((path, json.loads(path.read_text())))
     ref_path, ref = runs[0]
-    ref_proto = {k: v for k, v in ref["protocol"].items() if k not in IGNORED}
+    def protocol(res):  # results written before synthetic supports existed had none
+        return {"synthetic_support": 0, **{k: v for k, v in res["protocol"].items() if k not in IGNORED}}
+
+    ref_proto = protocol(ref)
     for path, res in runs[1:]:
-        proto = {k: v for k, v in res["protocol"].items() if k not in IGNORED}
+        proto = protocol(res)
         diff = sorted(k for k in set(proto) | set(ref_proto) if proto.get(k) != ref_proto.get(k))
         if diff:
             print(f"error: {path} was produced under another protocol than {ref_path} ({', '.join(diff)})",

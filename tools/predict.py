@@ -43,6 +43,13 @@ def main(argv=None) -> int:
                         "benchmark evaluator does; default: resample to the support's spacing")
     p.add_argument("--out-value", type=int, help="value written for the structure (default: --label)")
     p.add_argument("--out", required=True, help="output mask (NIfTI)")
+    g = p.add_argument_group("synthetic support (docs/generative-augmentation.md)")
+    g.add_argument("--synthetic-support", type=int, default=0, metavar="M",
+                   help="add M generated variants of each support slice to the support: K = 1 + M (needs "
+                        "--generator and --modality; default 0)")
+    g.add_argument("--generator", metavar="RUN", help="a trained generator run (method: generator)")
+    g.add_argument("--modality", help="the generator's modality token of the support (e.g. CT, MR, CMR)")
+    g.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic variants (default 0)")
     args = p.parse_args(argv)
 
     from fsmis.config import ConfigError
@@ -64,11 +71,21 @@ def main(argv=None) -> int:
         p.error(f"--out {out} is a folder; give a file name ending in .nii.gz")
     if args.n_part < 1:
         p.error(f"--n-part {args.n_part}: must be >= 1")
+    if args.synthetic_support < 0:
+        p.error(f"--synthetic-support must be >= 0, got {args.synthetic_support}")
+    if args.synthetic_support and (args.generator is None or args.modality is None):
+        p.error("--synthetic-support M needs --generator RUN and --modality TOKEN")
     value = args.label if args.out_value is None else args.out_value
     if not -32768 <= value <= 32767:
         p.error(f"--out-value {value}: must fit in int16 (-32768..32767)")
     try:
         predictor = build_predictor(args.method, config=args.config, checkpoint=args.checkpoint)
+        if args.synthetic_support:
+            from fsmis.genaug.support import SyntheticSupport
+
+            predictor = SyntheticSupport(predictor, args.generator, args.synthetic_support, args.modality,
+                                         seed=args.synthetic_seed)
+            print(f"support enlarged by {args.synthetic_support} generated variant(s) per slice ({args.generator})")
         print(f"{predictor.name}: label {args.label} of {args.support_image} -> {args.query_image}")
         res = predict_scan(predictor, args.support_image, args.support_label, args.label,
                            args.query_image, args.out, args.query_slices, args.n_part, args.out_value,

@@ -287,6 +287,8 @@ def summarize(fold_results: list[FoldResult], classes, cfg: ProtocolConfig, ds: 
         "dataset": {k: v for k, v in ds.describe().items() if k != "cases"},
         "protocol": {"version": PROTOCOL_VERSION, **asdict(cfg), "test_classes": list(classes),
                      "normalization": predictor.normalization,
+                     # generated variants added to each support slice (fsmis.genaug.support); 0: real support only
+                     "synthetic_support": int(getattr(predictor, "synthetic_support", 0)),
                      "folds_evaluated": [f["fold"] for f in folds_out]},
         "mean_dice": mean_pv if headline == "per_volume" else mean_pooled,
         "std_dice": std_pv if headline == "per_volume" else std_pooled,

@@ -37,7 +37,9 @@ def protocol_line(results: dict) -> str:
         fold = f"explicit support {p['support_case']}"
     return (f"folds {fold}, EP1 n_part {p['n_part']}, chunking {p['chunking']}, support {p['support']}, "
             f"Dice {p['dice']} (3D, averaged over volumes then folds), setting {p['setting']} "
-            f"(exclusion {p['exclusion']}), normalization {p['normalization']}")
+            f"(exclusion {p['exclusion']}), normalization {p['normalization']}"
+            + (f", synthetic support {p['synthetic_support']} generated variant(s) per support slice"
+               if p.get("synthetic_support") else ""))
 
 
 def results_markdown(results: dict, title: str | None = None) -> str:
