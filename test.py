@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-support", type=int, default=0, metavar="M",
                    help="add M generated variants (edited mask, generated image in the dataset's modality) of each "
                         "support slice to the support: K = 1 + M (needs --generator; default 0)")
+    g.add_argument("--support-from-mask-of", metavar="DIR",
+                   help="zero-shot support: every fold's support MASK is taken from fold k's support case of the "
+                        "dataset DIR (e.g. another modality), its image generated in this dataset's modality "
+                        "(needs --generator; no overlay figures)")
     g.add_argument("--generator", metavar="RUN", help="a trained generator run (method: generator)")
     g.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic variants (default 0)")
     g.add_argument("--synthetic-steps", type=int, default=None, metavar="K",
@@ -103,8 +107,10 @@ def main(argv=None) -> int:
         parser.error(f"--n-folds ({args.n_folds}) and --n-part ({args.n_part}) must be >= 1")
     if args.synthetic_support < 0:
         parser.error(f"--synthetic-support must be >= 0, got {args.synthetic_support}")
-    if (args.synthetic_support > 0) != (args.generator is not None):
-        parser.error("--synthetic-support M (M >= 1) and --generator RUN go together")
+    if args.synthetic_support and args.support_from_mask_of:
+        parser.error("--synthetic-support and --support-from-mask-of are two different supports: give one")
+    if (args.synthetic_support > 0 or args.support_from_mask_of is not None) != (args.generator is not None):
+        parser.error("--synthetic-support M (M >= 1) or --support-from-mask-of DIR, and --generator RUN, go together")
     bad_folds = [k for k in args.folds or [] if not 0 <= k < args.n_folds]
     if bad_folds:
         parser.error(f"--folds {' '.join(map(str, bad_folds))}: out of range 0..{args.n_folds - 1} "
@@ -129,6 +135,15 @@ def main(argv=None) -> int:
             predictor = SyntheticSupport(predictor, args.generator, args.synthetic_support, modality_token(ds),
                                          seed=args.synthetic_seed, steps=args.synthetic_steps,
                                          guidance=args.synthetic_guidance)
+        source = None
+        if args.support_from_mask_of:
+            from fsmis.genaug.generator import modality_token
+            from fsmis.genaug.zeroshot import MaskSupportGenerator, MaskSupportSource
+
+            source = MaskSupportSource(args.support_from_mask_of, MaskSupportGenerator(
+                args.generator, modality_token(ds), seed=args.synthetic_seed, steps=args.synthetic_steps,
+                guidance=args.synthetic_guidance))
+            args.no_figures = True  # the overlays show the dataset's own support case
         cfg = ProtocolConfig(
             folds=args.protocol or "canonical", supp_idx=2 if args.supp_idx is None else args.supp_idx,
             n_folds=args.n_folds, fold_ids=args.folds,
@@ -139,7 +154,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         check_output_folder(out)
         sink = None if args.no_nifti else PredictionWriter(ds, out / "predictions")
-        ev = Evaluator(ds, predictor, cfg, progress=not args.quiet, prediction_sink=sink)
+        ev = Evaluator(ds, predictor, cfg, progress=not args.quiet, prediction_sink=sink, support_source=source)
         folds = ev.folds()
         print(f"{predictor.name} on {ds.name} ({len(ds.case_ids)} cases, classes {', '.join(ev.classes)}); "
               f"{len(folds)} fold(s): " + "; ".join(f"support {f.support} -> {len(f.queries)} queries" for f in folds))

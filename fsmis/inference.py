@@ -51,17 +51,27 @@ def parse_slices(text: str | None, n: int) -> tuple[int, int]:
 def predict_scan(predictor: Predictor, support_image: str | Path, support_label: str | Path,
                  label_id: int, query_image: str | Path, out: str | Path | None = None,
                  query_slices: str | None = None, n_part: int = 3, out_value: int | None = None,
-                 match_spacing: bool = True) -> ScanPrediction:
+                 match_spacing: bool = True, support_generator=None) -> ScanPrediction:
     """``match_spacing``: resample the query in-plane to the support's pixel spacing (default); False
-    keeps both grids as stored, as the benchmark evaluator does (same in-plane size, or crop / pad)."""
+    keeps both grids as stored, as the benchmark evaluator does (same in-plane size, or crop / pad).
+
+    Zero-shot support: ``support_image=None`` and a ``support_generator``
+    (:class:`fsmis.genaug.zeroshot.MaskSupportGenerator`): ``support_label`` is a mask file alone, and
+    the support slices' images are generated from it (the union of its labels, slice by slice)."""
     if n_part < 1:
         raise ValueError(f"n_part={n_part}: must be >= 1")
     value = label_id if out_value is None else out_value
     if not -32768 <= value <= 32767:
         raise ValueError(f"output value {value} does not fit in int16 (-32768..32767)")
-    sup = load_volume(support_image)
-    sup_lab = load_volume(support_label, role="label")
-    check_pair(sup, sup_lab)
+    if support_image is None:
+        if support_generator is None:
+            raise ValueError("no support image: give one, or a support generator for a mask-only support")
+        sup_lab = load_volume(support_label, role="label")
+        sup = sup_lab  # the mask's grid is the support grid
+    else:
+        sup = load_volume(support_image)
+        sup_lab = load_volume(support_label, role="label")
+        check_pair(sup, sup_lab)
     present = sorted(set(np.unique(sup_lab.array).tolist()) - {0})
     if label_id not in present:
         raise DataError(f"{sup_lab.path}: label {label_id} not present (labels present: {present})")
@@ -88,7 +98,10 @@ def predict_scan(predictor: Predictor, support_image: str | Path, support_label:
     q_arr, offset = crop_or_pad(q_arr, (sh, sw), fill=float(qry.array.min()))
 
     norm = predictor.normalization
-    s_img = normalize_volume(sup.array, norm)[s_idx]
+    if support_image is None:
+        s_img = support_generator.images((sup_lab.array[s_idx] != 0).astype(np.float32), norm)
+    else:
+        s_img = normalize_volume(sup.array, norm)[s_idx]
     s_msk = (sup_lab.array[s_idx] == label_id).astype(np.float32)
     q_img = normalize_volume(q_arr, norm)
 

@@ -129,3 +129,60 @@ def test_test_py_and_predict_py_options(env, tmp_path):
              "--out", tmp_path / "p.nii.gz", "--synthetic-support", "1", "--generator", env["gen"], "--modality", "CT"])
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "p.nii.gz").is_file()
+
+
+# -- the zero-shot support ----------------------------------------------------------------------------
+def test_zero_shot_support_in_the_evaluator(env, tmp_path):
+    from fsmis.genaug.zeroshot import MaskSupportGenerator, MaskSupportSource
+
+    other = tmp_path / "mr"
+    make_phantom_dataset(other, modality="mr", n_cases=4, seed=9, shape=(8, 48, 48), supervoxels=False, progress=False)
+    ds = open_dataset(env["data"])
+    src = MaskSupportSource(other, MaskSupportGenerator(env["gen"], "CT", seed=1))
+    res = evaluate_with(ds, SupportCopy(), src)
+    assert res["protocol"]["support_from_mask"] == open_dataset(other).name
+    assert res["support_source"]["dataset"] == open_dataset(other).name
+    # support-copy of the generated support is support-copy of the other dataset's mask: the same Dice as a
+    # hand-made evaluation whose support slices are those masks
+    mask_case = res["folds"][0]["support"].split(":")[1]
+    assert mask_case == src.mask_case(0, "canonical", 2, 5)
+    rec = Recorder()
+    evaluate_with(ds, rec, src)
+    lab = open_dataset(other).load_case(mask_case).label
+    for si, sm in rec.calls:
+        assert si.shape == sm.shape and si.shape[0] == 1
+        assert any(np.array_equal(sm[0], (lab[z] == k).astype(np.float32)) for z in range(lab.shape[0])
+                   for k in open_dataset(other).classes.values())
+        assert -1.0 - 1e-5 <= si.min() and si.max() <= 1.0 + 1e-5  # generated, minmax-normalised
+
+
+def evaluate_with(ds, predictor, source):
+    from fsmis.evaluation.protocol import Evaluator
+
+    cfg = ProtocolConfig(fold_ids=[0], surface_metrics=False)
+    return Evaluator(ds, predictor, cfg, progress=False, support_source=source).run()
+
+
+def test_zero_shot_predict_py_writes_on_the_query_grid(env, tmp_path):
+    import nibabel as nib
+
+    data = env["data"]
+    out = tmp_path / "z.nii.gz"
+    p = run(["tools/predict.py", "--method", "support-copy", "--support-mask", data / "label_1.nii.gz",
+             "--generator", env["gen"], "--modality", "CT", "--label", "1", "--query-image", data / "image_2.nii.gz",
+             "--out", out])
+    assert p.returncode == 0, p.stderr[-2000:]
+    q = nib.load(str(data / "image_2.nii.gz"))
+    o = nib.load(str(out))
+    assert o.shape == q.shape and np.allclose(o.affine, q.affine)
+    assert np.asarray(o.dataobj).any()
+    p = run(["tools/predict.py", "--method", "support-copy", "--support-mask", data / "label_1.nii.gz",
+             "--label", "1", "--query-image", data / "image_2.nii.gz", "--out", out])
+    assert p.returncode == 2 and "--generator" in p.stderr
+    p = run(["tools/predict.py", "--method", "support-copy", "--support-mask", data / "label_1.nii.gz",
+             "--support-image", data / "image_1.nii.gz", "--generator", env["gen"], "--modality", "CT", "--label", "1",
+             "--query-image", data / "image_2.nii.gz", "--out", out])
+    assert p.returncode == 2 and "one kind of support" in p.stderr
+    p = run(["test.py", "--method", "support-copy", "--data", data, "--out", tmp_path / "r", "--support-from-mask-of",
+             data, "--quiet"])
+    assert p.returncode == 2 and "go together" in p.stderr

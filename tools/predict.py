@@ -5,6 +5,14 @@
       --support-image A.nii.gz --support-label A_seg.nii.gz --label 6 \\
       --query-image B.nii.gz [--query-slices 10:40] --out pred.nii.gz
   python tools/predict.py --checkpoint RUN_DIR --support-image A.nii.gz ...   # a trained run
+  python tools/predict.py --checkpoint RUN_DIR --support-image A.nii.gz --support-label A_seg.nii.gz \
+      --label 6 --query-image B.nii.gz --out pred.nii.gz --synthetic-support 2 --generator GEN --modality CT
+  python tools/predict.py --checkpoint RUN_DIR --support-mask ATLAS_seg.nii.gz --generator GEN_MR \
+      --modality MR --label 6 --query-image B.nii.gz --out pred.nii.gz     # zero-shot: a mask, no image
+
+--synthetic-support M adds M generated variants (edited mask, generated image) of each support
+slice: a K = 1 + M support. --support-mask takes the support from a mask alone: its images are
+generated in the query's modality by a generator trained on that modality.
 
 A trained method is loaded from its run folder (train.py --out): model and settings come from
 RUN_DIR/config.yaml, exactly as test.py evaluates it.
@@ -32,8 +40,10 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="trained run folder (train.py --out), or one of its step folders")
     p.add_argument("--config", help="optional, with --checkpoint: a config whose eval section is used; its model "
                                     "keys must equal the run's")
-    p.add_argument("--support-image", required=True, help="annotated scan (NIfTI)")
-    p.add_argument("--support-label", required=True, help="its label map (NIfTI, same grid)")
+    p.add_argument("--support-image", help="annotated scan (NIfTI)")
+    p.add_argument("--support-label", help="its label map (NIfTI, same grid)")
+    p.add_argument("--support-mask", help="zero-shot support: a label map alone (another patient, modality or an "
+                                          "atlas); its images are generated in --modality by --generator")
     p.add_argument("--label", type=int, required=True, help="label id of the structure to segment")
     p.add_argument("--query-image", required=True, help="scan to segment (NIfTI)")
     p.add_argument("--query-slices", help="Z0:Z1, stored slice range of the query to segment (default: all)")
@@ -48,7 +58,8 @@ def main(argv=None) -> int:
                    help="add M generated variants of each support slice to the support: K = 1 + M (needs "
                         "--generator and --modality; default 0)")
     g.add_argument("--generator", metavar="RUN", help="a trained generator run (method: generator)")
-    g.add_argument("--modality", help="the generator's modality token of the support (e.g. CT, MR, CMR)")
+    g.add_argument("--modality", help="the generator's modality token of the generated images (e.g. CT, MR, CMR): "
+                                      "the support's for --synthetic-support, the query's for --support-mask")
     g.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic variants (default 0)")
     args = p.parse_args(argv)
 
@@ -64,13 +75,22 @@ def main(argv=None) -> int:
     if not (out.name.endswith(".nii.gz") or out.name.endswith(".nii")):
         p.error(f"--out {out}: the mask is written as NIfTI; the name must end in .nii.gz or .nii")
     for flag, given in (("--support-image", args.support_image), ("--support-label", args.support_label),
-                        ("--query-image", args.query_image)):
-        if out.resolve() == Path(given).resolve():
+                        ("--support-mask", args.support_mask), ("--query-image", args.query_image)):
+        if given is not None and out.resolve() == Path(given).resolve():
             p.error(f"--out {out} is the {flag} file: it would be overwritten; choose another output name")
     if out.is_dir():
         p.error(f"--out {out} is a folder; give a file name ending in .nii.gz")
     if args.n_part < 1:
         p.error(f"--n-part {args.n_part}: must be >= 1")
+    if args.support_mask is not None:
+        if args.support_image is not None or args.support_label is not None:
+            p.error("--support-mask replaces --support-image/--support-label: give one kind of support")
+        if args.generator is None or args.modality is None:
+            p.error("--support-mask needs --generator RUN and --modality TOKEN (the query's modality)")
+        if args.synthetic_support:
+            p.error("--support-mask and --synthetic-support are two different supports: give one")
+    elif args.support_image is None or args.support_label is None:
+        p.error("give --support-image and --support-label (or --support-mask with --generator)")
     if args.synthetic_support < 0:
         p.error(f"--synthetic-support must be >= 0, got {args.synthetic_support}")
     if args.synthetic_support and (args.generator is None or args.modality is None):
@@ -86,10 +106,17 @@ def main(argv=None) -> int:
             predictor = SyntheticSupport(predictor, args.generator, args.synthetic_support, args.modality,
                                          seed=args.synthetic_seed)
             print(f"support enlarged by {args.synthetic_support} generated variant(s) per slice ({args.generator})")
-        print(f"{predictor.name}: label {args.label} of {args.support_image} -> {args.query_image}")
-        res = predict_scan(predictor, args.support_image, args.support_label, args.label,
+        generator = None
+        if args.support_mask is not None:
+            from fsmis.genaug.zeroshot import MaskSupportGenerator
+
+            generator = MaskSupportGenerator(args.generator, args.modality, seed=args.synthetic_seed)
+            print(f"zero-shot support: images generated from {args.support_mask} in {args.modality} ({args.generator})")
+        support = args.support_image or args.support_mask
+        print(f"{predictor.name}: label {args.label} of {support} -> {args.query_image}")
+        res = predict_scan(predictor, args.support_image, args.support_label or args.support_mask, args.label,
                            args.query_image, args.out, args.query_slices, args.n_part, args.out_value,
-                           match_spacing=not args.as_stored)
+                           match_spacing=not args.as_stored, support_generator=generator)
     except (DataError, ValueError, ConfigError, CheckpointError, WeightLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -49,6 +49,7 @@ class ProtocolConfig:
     surface_metrics: bool = True
     support_case: str | None = None  # with query_cases: one explicit episode set, no folds
     query_cases: list | None = None
+    support_from_mask: str | None = None  # recorded: the dataset whose masks gave generated supports (zero-shot)
 
     def validate(self) -> None:
         choices = {"folds": ("canonical", "legacy"), "chunking": ("ep1", "alpnet"),
@@ -125,8 +126,12 @@ class Evaluator:
     """Runs a predictor over folds of a dataset under one :class:`ProtocolConfig`."""
 
     def __init__(self, dataset: FSMISDataset, predictor: Predictor, config: ProtocolConfig,
-                 progress: bool = True, prediction_sink=None):
+                 progress: bool = True, prediction_sink=None, support_source=None):
+        """``support_source``: a :class:`fsmis.genaug.zeroshot.MaskSupportSource` (every support from a
+        mask of another dataset and a generated image) or None (the dataset's own support case)."""
         config.validate()
+        self.support_source = support_source
+        config.support_from_mask = support_source.name if support_source is not None else None
         self.ds = dataset
         self.predictor = predictor
         self.cfg = config
@@ -165,18 +170,24 @@ class Evaluator:
     def run_fold(self, fold: Fold, bar=None) -> FoldResult:
         cfg = self.cfg
         res = FoldResult(None if fold.fold < 0 else fold.fold, fold.support, list(fold.queries))
-        sup_case = self.ds.load_case(fold.support)
-        sup_img = self._image(fold.support)
+        src = self.support_source
+        if src is None:
+            sup_case = self.ds.load_case(fold.support)
+            sup_img = self._image(fold.support)
         for cls in self.classes:
             cid = self.ds.class_id(cls)
-            s_slices = self.ds.class_slices(fold.support, cls)
-            if len(s_slices) == 0:
-                raise DataError(
-                    f"class {cls!r} (label {cid}) is absent from support case {fold.support} "
-                    f"({self.ds.label_path(fold.support).name}); choose another support case")
-            s_idx = support_slice_indices(s_slices, cfg.n_part)
-            s_images = sup_img[s_idx]
-            s_masks = (sup_case.label[s_idx] == cid).astype(np.float32)
+            if src is not None:  # zero-shot: the mask of another dataset's case, its image generated
+                s_images, s_masks, s_idx, m_case = src.support(fold.fold, cls, cfg, self.predictor.normalization)
+                res.support = f"{src.name}:{m_case}"
+            else:
+                s_slices = self.ds.class_slices(fold.support, cls)
+                if len(s_slices) == 0:
+                    raise DataError(
+                        f"class {cls!r} (label {cid}) is absent from support case {fold.support} "
+                        f"({self.ds.label_path(fold.support).name}); choose another support case")
+                s_idx = support_slice_indices(s_slices, cfg.n_part)
+                s_images = sup_img[s_idx]
+                s_masks = (sup_case.label[s_idx] == cid).astype(np.float32)
             for q in fold.queries:
                 q_case = self.ds.load_case(q)
                 q_slices = self.ds.class_slices(q, cls)
@@ -224,8 +235,10 @@ class Evaluator:
                    disable=not self.progress)
         fold_results = [self.run_fold(f, bar) for f in folds]
         bar.close()
-        return summarize(fold_results, self.classes, self.cfg, self.ds, self.predictor,
-                         seconds=time.time() - t0)
+        out = summarize(fold_results, self.classes, self.cfg, self.ds, self.predictor, seconds=time.time() - t0)
+        if self.support_source is not None:
+            out["support_source"] = self.support_source.describe()
+        return out
 
 
 def _mean(values):

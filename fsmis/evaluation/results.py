@@ -39,7 +39,9 @@ def protocol_line(results: dict) -> str:
             f"Dice {p['dice']} (3D, averaged over volumes then folds), setting {p['setting']} "
             f"(exclusion {p['exclusion']}), normalization {p['normalization']}"
             + (f", synthetic support {p['synthetic_support']} generated variant(s) per support slice"
-               if p.get("synthetic_support") else ""))
+               if p.get("synthetic_support") else "")
+            + (f", supports generated from the masks of {p['support_from_mask']} (no annotated support image)"
+               if p.get("support_from_mask") else ""))
 
 
 def results_markdown(results: dict, title: str | None = None) -> str:
