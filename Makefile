@@ -7,10 +7,11 @@ DEMO_DIR ?= results/demo
 DEMO_DATA ?= datasets/phantom
 DEMO_CMR_DIR ?= results/demo-cmr
 DEMO_GEN_DIR ?= results/demo-generator
+DEMO_GENAUG_DIR ?= results/demo-genaug
 DATA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-generator demo-cmr demo-cmr-data test clean-demo
+.PHONY: install demo demo-generator demo-genaug demo-cmr demo-cmr-data test clean-demo
 
 install: $(STAMP)
 
@@ -30,6 +31,11 @@ demo: $(STAMP)
 # equal CPU budget against a random UNet (reuses make demo's data, VAE and generator)
 demo-generator: $(STAMP)
 	$(BIN)/python tools/demo_generator.py --data $(DEMO_DATA) --out $(DEMO_GEN_DIR)
+
+# synthetic data on the demo SD-FSMIS: synthetic training episodes, enlarged supports and supports
+# generated from masks alone, each against the same model without it (reuses make demo's cache)
+demo-genaug: $(STAMP)
+	$(BIN)/python tools/demo_genaug.py --data $(DEMO_DATA) --out $(DEMO_GENAUG_DIR)
 
 # the demo recipe on the real Card-MRI: DATA = the published folder (cmr_MR_normalized/ and
 # supervoxels_1000/) or a folder holding it

@@ -137,3 +137,20 @@ def test_cli(env, tmp_path):
     p = run(["tools/filter_synthetic.py", "--data", syn, "--real", real, "--out", tmp_path / "o3", "--min-dice", "2"])
     assert p.returncode == 2 and "between 0 and 1" in p.stderr
     shutil.rmtree(tmp_path / "out")
+
+
+def test_a_training_on_a_filtered_folder_reports_the_filter(env, tmp_path):
+    from fsmis.config import load_config
+    from fsmis.engine.trainer import Trainer
+
+    from test_genaug_episodes import _config
+
+    real = env["real"]
+    syn = write_synthetic(tmp_path / "syn", real, {"101": "1", "102": "2"}, noise=0.1)
+    rec = Fl.filter_synthetic(syn, real, tmp_path / "filtered", erode=1)
+    cfg = load_config(_config(tmp_path, real, genaug={"data": [str(tmp_path / "filtered")], "ratio": 0.5},
+                              train={"max_steps": 1, "ckpt_every": 1}))
+    summary = Trainer(cfg, tmp_path / "run", "cpu", progress=False).setup().fit()
+    folder = summary["genaug"]["folders"][0]
+    assert folder["filter"]["counts"] == rec["counts"] and folder["filter"]["erode"] == 1
+    assert summary["episodes"] == {"real": 2, "synthetic": 2}

@@ -190,6 +190,10 @@ class SyntheticEpisodes:
                 raise GenaugError(f"{meta}: synthetic case {sid} was made from case {src}, {role}: training on it "
                                   f"would leak that case (training cases: {', '.join(sorted(train))}); make the "
                                   "synthetic folder from the fold's training cases only")
+            if real.labels == "label" and not [c for c in pair.synthetic.classes if c not in real.test_classes]:
+                raise GenaugError(f"{meta}: data.labels=label trains on the organs other than the test classes "
+                                  f"{real.test_classes}, and this synthetic folder keeps only those "
+                                  f"({', '.join(pair.synthetic.classes)}): use data.labels=supervoxel")
             syn = ConsecutiveSliceSampler(
                 pair.synthetic, pair.synthetic.case_ids, n_shot=real.n_shot, setting=real.setting,
                 exclusion=real.exclusion, test_classes=real.test_classes, labels=real.labels,

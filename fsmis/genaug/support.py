@@ -27,6 +27,8 @@ import numpy as np
 
 from ..methods.base import Predictor
 
+EDIT_TRIES = 10  # edits drawn per variant until the edited mask keeps some foreground
+
 
 class SyntheticSupport(Predictor):
     """``base`` with ``m`` generated variants of each support slice added to its support."""
@@ -67,8 +69,11 @@ class SyntheticSupport(Predictor):
                 if not vol.any():
                     edited.append(vol[0].copy())
                     continue
-                edit = draw_edit(rng, vol.shape[-2:], foreground_center(vol))
-                edited.append(apply_edit(vol, edit)[0])
+                for _ in range(EDIT_TRIES):  # an edit may push a small mask out of the slice: draw again
+                    new = apply_edit(vol, draw_edit(rng, vol.shape[-2:], foreground_center(vol)))[0]
+                    if new.any():
+                        break
+                edited.append(new if new.any() else vol[0].copy())
         edited = np.stack(edited).astype(np.float32)
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, key, 1]).generate_state(1)[0]))
         fake = self.loaded.method.generate(edited, self.modality, None, gen, steps=self.steps, guidance=self.guidance)
