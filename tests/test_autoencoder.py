@@ -280,6 +280,8 @@ def test_cache_reused_and_keyed(tiny_dir, tmp_path, monkeypatch):
     assert reused and again == first and weights.stat().st_mtime_ns == mtime
     # the key: not the name, not the location of the data; every other config key and the data
     assert ae.cache_key(_cfg(tiny_dir, "train.max_steps=2", "name=other")) == key
+    # nor the genaug section (an autoencoder refuses synthetic episodes; caches from before it exist)
+    assert ae.cache_key(_cfg(tiny_dir, "train.max_steps=2", "genaug.data=[elsewhere]", "genaug.pairing=synthetic")) == key
     for change in ("train.max_steps=3", "train.seed=1", "train.lr=2e-3", "data.crop=8", "data.image_size=64",
                    "train.batch_size=6", "data.masks=labels", "model.kl_weight=1e-5"):
         assert ae.cache_key(_cfg(tiny_dir, "train.max_steps=2", change)) != key, change

@@ -482,9 +482,12 @@ def _versions() -> dict:
 # -- a cache of trained autoencoders (the demo) ---------------------------------------------------
 def cache_key(cfg) -> str:
     """16 hex digits identifying a trained autoencoder: the data (dataset.json and file names and
-    sizes), every config key but ``data.root`` and ``name``, and :data:`VERSION`."""
+    sizes), every config key but ``data.root``, ``name`` and the ``genaug`` section (synthetic
+    episodes are refused for an autoencoder, so it changes no weights; left out, the keys of caches
+    written before the section existed still hold), and :data:`VERSION`."""
     d = cfg.to_dict()
     d.pop("name", None)
+    d.pop("genaug", None)
     d["data"].pop("root", None)
     blob = json.dumps({"data": data_fingerprint(_open_many(cfg.data.root))["sha256"], "config": d,
                        "version": VERSION}, sort_keys=True)
