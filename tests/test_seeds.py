@@ -51,3 +51,27 @@ def test_seeds_rejects_a_bad_shape(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "seeds.py"), "--shape", "1,2"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Z,Y,X" in proc.stderr
+
+
+def test_seeds_test_time_variants(tmp_path):
+    """--synthetic-support and --mask-support score the same trained seeds with generated supports;
+    the MR generator is trained once, label-free, on the MR phantom's supervoxels."""
+    extra = [a.replace("10,48,48", "10,64,64").replace("data.image_size=32", "data.image_size=64") for a in TINY]
+    cmd = [sys.executable, str(ROOT / "tools" / "seeds.py"), "--data", str(tmp_path / "data"), "--out",
+           str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seeds", "0", "--synthetic-support", "1",
+           "--mask-support", "--gen-set", "model.sample_steps=2", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "seeds.json").read_text())
+    v = res["seeds"]["0"]["variants"]
+    assert {"in_domain", "cross_domain"} <= set(v["synthetic_support"])
+    assert set(v["mask_support"]["cross_domain"]) == {"mean", "per_class"}
+    assert v["mask_support"]["protocol"]["support_from_mask"]
+    assert "mask_support" in res["support_copy"]["variants"]
+    assert res["test_time"]["synthetic_support"] == 1 and Path(res["test_time"]["generator_mr"]).name == "generator_mr"
+    assert (tmp_path / "work" / "generator_mr" / "unet").is_dir()
+    mr_cfg = json.loads((tmp_path / "work" / "generator_mr" / "data.json").read_text())
+    assert "mr" in json.dumps(mr_cfg).lower()
+    text = (tmp_path / "out" / "seeds.md").read_text()
+    assert "synthetic support (M = 1)" in text and "supports generated from CT masks" in text
