@@ -77,6 +77,11 @@ def test_the_predictor_sees_one_plus_m_support_slices(env):
     assert si.shape == (4,) + img.shape[1:] and sm.shape == si.shape
     assert np.array_equal(si[0], img[0]) and np.array_equal(sm[0], msk[0])  # the real support first
     assert np.array_equal(si, si2) and np.array_equal(sm, sm2)  # deterministic per support
+    assert wrapped.generator.generated == 3  # the second call was served from the cache
+    rec_fresh = Recorder()  # a fresh wrapper (empty cache) generates the same variants
+    fresh = SyntheticSupport(rec_fresh, env["gen"], 3, "CT", seed=4)
+    fresh.predict(img, msk, q)
+    assert fresh.generator.generated == 3 and np.array_equal(rec_fresh.calls[0][0], si)
     lo, hi = img.min(), img.max()
     assert si[1:].min() >= lo - 1e-5 and si[1:].max() <= hi + 1e-5  # on the support's scale
     assert set(np.unique(sm[1:])) <= {0.0, 1.0} and all(sm[k].sum() > 0 for k in range(1, 4))

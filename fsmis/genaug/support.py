@@ -12,9 +12,12 @@ wrapped predictor as K = 1 + m slices. As implemented:
 - **Intensities.** The generator's output in [-1, 1] is mapped linearly to the [min, max] of the
   real support slice as the predictor received it (already normalised per volume as the
   predictor asks), so the variants live on the real support's scale.
-- **Randomness.** The edits and the sampling noise of a call are seeded by ``seed`` and a CRC32 of
-  the support masks' bytes: the same support gives the same variants in every run and every
-  order of evaluation.
+- **Randomness.** The edits are seeded by ``seed`` and a CRC32 of the support masks' bytes, the
+  sampling noise by ``seed`` and a CRC32 of the edited masks: the same support gives the same
+  variants in every run and every order of evaluation.
+- **Generation** goes through :class:`fsmis.genaug.zeroshot.MaskSupportGenerator` (the one
+  mask-to-image path), whose cache makes a support that the evaluator passes once per query
+  volume generated once.
 - **Record.** ``synthetic_support`` (m) is an attribute the evaluator copies into the results'
   protocol block, and :meth:`describe` names the generator run, steps and guidance: a K = 1 + m
   number can never pass for a plain 1-shot number.
@@ -35,28 +38,20 @@ class SyntheticSupport(Predictor):
 
     def __init__(self, base: Predictor, generator_run, m: int, modality: str | None, seed: int = 0,
                  steps: int | None = None, guidance: float | None = None, device=None):
-        from .synthesize import load_generator
+        from .zeroshot import MaskSupportGenerator
 
         if int(m) < 1:
             raise ValueError(f"synthetic support: m must be >= 1 variants per support slice, got {m}")
         self.base = base
         self.synthetic_support = int(m)
-        self.loaded = load_generator(generator_run, device)
-        mcfg = self.loaded.cfg.model
-        if modality is not None and modality not in mcfg.modalities:
-            raise ValueError(f"{self.loaded.run_dir}: the generator knows the modalities {list(mcfg.modalities)}, not "
-                             f"{modality!r} (the evaluated dataset's modality token)")
-        self.modality = modality
+        self.generator = MaskSupportGenerator(generator_run, modality, seed=seed, steps=steps, guidance=guidance,
+                                              device=device)
         self.seed = int(seed)
-        self.steps = int(steps or mcfg.sample_steps)
-        self.guidance = float(mcfg.guidance if guidance is None else guidance)
         self.name = base.name
         self.normalization = base.normalization
 
-    def variants(self, support_images: np.ndarray, support_masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(images [K·m, H, W], masks [K·m, H, W]): the generated variants of the K support slices."""
-        import torch
-
+    def edited_masks(self, support_masks: np.ndarray) -> np.ndarray:
+        """[K·m, H, W] float32: m random edits of each of the K support masks (seeded by the masks)."""
         from .synthesize import apply_edit, draw_edit, foreground_center
 
         masks = (np.asarray(support_masks) > 0.5).astype(np.uint8)
@@ -74,9 +69,12 @@ class SyntheticSupport(Predictor):
                     if new.any():
                         break
                 edited.append(new if new.any() else vol[0].copy())
-        edited = np.stack(edited).astype(np.float32)
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, key, 1]).generate_state(1)[0]))
-        fake = self.loaded.method.generate(edited, self.modality, None, gen, steps=self.steps, guidance=self.guidance)
+        return np.stack(edited).astype(np.float32)
+
+    def variants(self, support_images: np.ndarray, support_masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(images [K·m, H, W], masks [K·m, H, W]): the generated variants of the K support slices."""
+        edited = self.edited_masks(support_masks)
+        fake = self.generator.generate(edited, salt=1)
         imgs = np.asarray(support_images, dtype=np.float32)
         out = np.empty_like(fake)
         for k in range(imgs.shape[0]):
@@ -92,10 +90,7 @@ class SyntheticSupport(Predictor):
         return self.base.predict(s_img, s_msk, query_images)
 
     def describe(self) -> dict:
-        return {**self.base.describe(), "synthetic_support": self.synthetic_support,
-                "generator": str(self.loaded.run_dir), "generator_step": self.loaded.step,
-                "modality_token": self.modality, "sample_steps": self.steps, "guidance": self.guidance,
-                "seed": self.seed}
+        return {**self.base.describe(), "synthetic_support": self.synthetic_support, **self.generator.describe()}
 
 
 __all__ = ["SyntheticSupport"]

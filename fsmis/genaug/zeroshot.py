@@ -30,34 +30,55 @@ from ..data.nifti import DataError
 
 
 class MaskSupportGenerator:
-    """Support images from masks, by a generator run, in one modality."""
+    """Images from masks, by a generator run, in one modality: the one mask-to-image path of the
+    test-time uses (this zero-shot support, and the variants of :class:`fsmis.genaug.support.SyntheticSupport`).
 
-    def __init__(self, generator_run, modality: str, seed: int = 0, steps: int | None = None,
+    ``modality`` is the modality token (None: no token); it must be one the generator knows.
+    Sampling is seeded by ``seed``, a CRC32 of the masks' bytes and a ``salt`` naming the use, and
+    its output is cached under a SHA-1 of the masks (with their shape and the salt): the evaluator
+    asks for the same support once per query volume, and it is generated once.
+    """
+
+    def __init__(self, generator_run, modality: str | None, seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, device=None):
         from .synthesize import load_generator
 
         self.loaded = load_generator(generator_run, device)
         mcfg = self.loaded.cfg.model
-        if modality not in mcfg.modalities:
+        if modality is not None and modality not in mcfg.modalities:
             raise ValueError(f"{self.loaded.run_dir}: the generator knows the modalities {list(mcfg.modalities)}, not "
                              f"{modality!r}")
         self.modality = modality
         self.seed = int(seed)
         self.steps = int(steps or mcfg.sample_steps)
         self.guidance = float(mcfg.guidance if guidance is None else guidance)
+        self._cache: dict = {}
+        self.generated = 0  # slices sampled (cache misses), for tests and logs
+
+    def generate(self, masks: np.ndarray, salt: int) -> np.ndarray:
+        """[n, H, W] binary conditioning masks -> [n, H, W] float32 generated images in [-1, 1]."""
+        import hashlib
+
+        import torch
+
+        masks = (np.asarray(masks) > 0.5).astype(np.uint8)
+        data = np.ascontiguousarray(masks).tobytes()
+        ckey = (hashlib.sha1(data).hexdigest(), masks.shape, int(salt))
+        if ckey not in self._cache:
+            key = zlib.crc32(data)
+            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, key, int(salt)])
+                                                    .generate_state(1)[0]))
+            fake = self.loaded.method.generate(masks.astype(np.float32), self.modality, None, gen, steps=self.steps,
+                                               guidance=self.guidance)
+            self._cache[ckey] = np.asarray(fake, dtype=np.float32)
+            self.generated += int(masks.shape[0])
+        return self._cache[ckey].copy()
 
     def images(self, union_masks: np.ndarray, normalization: str) -> np.ndarray:
         """[n, H, W] binary conditioning masks -> [n, H, W] float32 support images, normalised."""
-        import torch
-
         from ..data.normalize import normalize_volume
 
-        masks = (np.asarray(union_masks) > 0).astype(np.uint8)
-        key = zlib.crc32(np.ascontiguousarray(masks).tobytes())
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, key, 2]).generate_state(1)[0]))
-        fake = self.loaded.method.generate(masks.astype(np.float32), self.modality, None, gen, steps=self.steps,
-                                           guidance=self.guidance)
-        return normalize_volume(fake, normalization).astype(np.float32)
+        return normalize_volume(self.generate(union_masks, salt=2), normalization).astype(np.float32)
 
     def describe(self) -> dict:
         return {"generator": str(self.loaded.run_dir), "generator_step": self.loaded.step,
