@@ -72,6 +72,45 @@ def test_memorisation_removes_exact_copies_and_keeps_unrelated_slices(env, tmp_p
     assert "102" in out.case_ids and "102" not in out.excluded_slices
 
 
+def test_memorisation_flags_come_from_a_current_quality_json(env, tmp_path, monkeypatch):
+    """The folder's quality.json memorisation section stands for a fresh computation (same flags),
+    and is ignored when it belongs to another real folder or is older than the images."""
+    import os
+
+    from fsmis.genaug import quality as Q
+
+    real = env["real"]
+    syn = write_synthetic(tmp_path / "syn", real, {"101": "1", "102": "2"}, noise=0.0)
+    from scipy.ndimage import gaussian_filter
+
+    im = nib.load(syn / "image_102.nii.gz")  # case 102 unrelated to its source: kept
+    noise = gaussian_filter(np.random.default_rng(7).normal(size=im.shape), 2.0).astype(np.float32)
+    nib.save(nib.Nifti1Image(noise, im.affine), syn / "image_102.nii.gz")
+    fresh = Fl.filter_synthetic(syn, real, tmp_path / "a", no_memorised=True)
+    assert fresh["memorisation"]["from"] == "computed"
+    mem = Q.memorisation(Q.open_synthetic(real, syn))
+    q = {"real": str(real.resolve()), "definitions": Q.definitions([]), "memorisation": mem}
+    (syn / "quality.json").write_text(json.dumps(q))
+
+    def refuse(*a, **k):
+        raise AssertionError("memorisation recomputed although quality.json holds it")
+
+    monkeypatch.setattr(Q, "memorisation", refuse)
+    saved = Fl.filter_synthetic(syn, real, tmp_path / "b", no_memorised=True)
+    assert saved["memorisation"]["from"] == "quality.json"
+    assert saved["memorisation"]["flagged"] == fresh["memorisation"]["flagged"]
+    assert saved["counts"] == fresh["counts"]
+    monkeypatch.undo()
+    # another real folder: recomputed
+    (syn / "quality.json").write_text(json.dumps({**q, "real": str(tmp_path)}))
+    assert Fl.filter_synthetic(syn, real, tmp_path / "c", no_memorised=True)["memorisation"]["from"] == "computed"
+    # older than an image of the folder: recomputed
+    (syn / "quality.json").write_text(json.dumps(q))
+    t = (syn / "quality.json").stat().st_mtime
+    os.utime(syn / "image_101.nii.gz", (t + 10, t + 10))
+    assert Fl.filter_synthetic(syn, real, tmp_path / "d", no_memorised=True)["memorisation"]["from"] == "computed"
+
+
 def test_agreement_removes_the_slice_that_disagrees(env, tmp_path, monkeypatch):
     """The agreement filter's bookkeeping with a stand-in segmenter: support-copy returns the source
     slice's mask, so a synthetic slice whose label was moved away from its source scores low and

@@ -8,7 +8,10 @@
   refused as this segmenter: it never looks at the synthetic image, so its Dice would measure
   the mask edit, not the image.
 - **memorisation** (``no_memorised``): a slice flagged by :func:`fsmis.genaug.quality.memorisation`
-  (nearest real slice SSIM above the real-vs-real 99th percentile) is removed.
+  (nearest real slice SSIM above the real-vs-real 99th percentile) is removed. The flags of the
+  folder's own ``quality.json`` (``tools/synthesize.py``, ``tools/synth_quality.py``) are used
+  when it holds them for the same real folder and is newer than every image of the folder
+  (:func:`saved_memorisation`); otherwise they are computed.
 - **erosion** (``erode`` = n): every label and supervoxel region of every slice loses its n
   outer pixel rings in-plane (a pixel stays only if its 4 in-plane neighbours, n times over, hold
   the same id; outside the image counts as another id), which drops the boundary pixels where a
@@ -59,6 +62,32 @@ def _save_label_like(array_zyx: np.ndarray, src_path: Path, case_volume, dst: Pa
 
     dtype = np.asarray(nib.load(str(src_path)).dataobj).dtype
     save_like(array_zyx, case_volume, dst, dtype=dtype)
+
+
+def saved_memorisation(pair) -> dict | None:
+    """The memorisation section of the synthetic folder's quality.json when it can stand for a fresh
+    computation: same real folder, same definition, and the file newer than every image and label
+    of the folder. None otherwise."""
+    from .quality import definitions
+    from .synthesize import QUALITY_NAME
+
+    syn = pair.synthetic
+    path = Path(syn.image_dir) / QUALITY_NAME
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    mem = saved.get("memorisation") if isinstance(saved, dict) else None
+    if (not isinstance(mem, dict) or saved.get("real") != str(Path(pair.real.image_dir).resolve())
+            or (saved.get("definitions") or {}).get("memorisation") != definitions([])["memorisation"]
+            or not {"flagged", "threshold", "slices", "nearest_ssim", "n_slices"} <= set(mem)):
+        return None
+    newest = max((f.stat().st_mtime for f in Path(syn.image_dir).glob("*.nii*")), default=0.0)
+    if path.stat().st_mtime < newest:
+        return None
+    return mem
 
 
 def filter_synthetic(data, real, out, min_dice: float | None = None, checkpoint=None, no_memorised: bool = False,
@@ -114,11 +143,17 @@ def filter_synthetic(data, real, out, min_dice: float | None = None, checkpoint=
                               for (sid, z), ds in sorted(per_slice.items(), key=lambda kv: (syn.case_ids.index(kv[0][0]),
                                                                                             kv[0][1]))]}
         if no_memorised:
-            mem = memorisation(pair, bar=bar, device=device)
+            mem = saved_memorisation(pair)
+            mem_from = "quality.json" if mem is not None else "computed"
+            if mem is None:
+                mem = memorisation(pair, bar=bar, device=device)
+            else:
+                bar.step("memorisation: from quality.json")
+                bar.step("memorisation: from quality.json")
             for name in mem["flagged"]:
                 sid, z = name.rsplit(":", 1)
                 removed["memorisation"].setdefault(sid, set()).add(int(z))
-            record["memorisation"] = {"threshold": mem["threshold"], "checked_slices": mem["n_slices"],
+            record["memorisation"] = {"from": mem_from, "threshold": mem["threshold"], "checked_slices": mem["n_slices"],
                                       "removed_slices": len(mem["flagged"]), "flagged": mem["flagged"],
                                       "nearest_ssim": dict(zip(mem["slices"], mem["nearest_ssim"]))}
         excluded, kept, dropped = {}, [], []
