@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -159,6 +160,66 @@ def ensure_generator(gen_config: Path, ct_dir: Path, vae_dir: Path, image_size: 
     return cfg, ensure_trained(cfg, run, progress, describe, name="demo generator")
 
 
+@dataclass
+class DemoParts:
+    """What the demo tools share, made or reused as ``make demo`` makes them (:func:`ensure_demo_parts`)."""
+
+    ct_dir: Path
+    mr_dir: Path
+    size: int
+    vae_dir: Path
+    vae_reused: bool
+    gen_ct: Path | None
+    gen_summary: dict | None
+    gen_mr: Path | None
+    timings: dict
+
+
+def ensure_demo_parts(args, *, mr_supervoxels: bool = False, generator: bool = True, mr_generator: bool = False,
+                      phantom_seed: int = 0) -> DemoParts:
+    """The phantom CT and MR data, the demo VAE and (``generator``) the CT demo generator, each
+    reused when cached, as ``make demo`` makes them; ``mr_generator`` also trains a label-free
+    generator on the MR phantom's supervoxels (WORK/generator_mr; implies MR supervoxels).
+
+    ``args`` holds the demo tools' options: data, work, cases, shape, config, overrides,
+    vae_config, vae_steps (None: DEMO_VAE_STEPS), generator_config, gen_steps, gen_set and quiet.
+    The CT phantom is made with ``phantom_seed``, the MR one with ``phantom_seed + 1000``. Returns a :class:`DemoParts` with
+    ct_dir, mr_dir, size (SD-FSMIS's image size), vae_dir, vae_reused, gen_ct and gen_summary
+    (None without ``generator``), gen_mr (None without ``mr_generator``) and timings (s)."""
+    from fsmis.config import load_config
+    from fsmis.methods.autoencoder import ensure_autoencoder
+
+    progress = not getattr(args, "quiet", False)
+    data, work = Path(args.data), Path(args.work)
+    seed = int(phantom_seed)
+    timings = {}
+    t0 = time.time()
+    ct_dir = ensure_phantom(data / "ct", "ct", args.cases, seed, shape=args.shape)
+    mr_dir = ensure_phantom(data / "mr", "mr", args.cases, seed + 1000, supervoxels=mr_supervoxels or mr_generator,
+                            shape=args.shape)
+    timings["data_s"] = round(time.time() - t0, 1)
+    t1 = time.time()
+    # the VAE works at the demo model's image size (128 px in configs/demo.yaml), on half-size crops
+    size = load_config(Path(args.config), args.overrides).data.image_size
+    vae_cfg = demo_vae_config(args.vae_config, ct_dir, args.vae_steps or DEMO_VAE_STEPS, size)
+    vae_dir, reused = ensure_autoencoder(vae_cfg, work / "vae", progress=progress)
+    timings["vae_s"] = round(time.time() - t1, 1)
+    gen_ct = gen_summary = gen_mr = None
+    if generator:
+        t1 = time.time()
+        gen_ct = work / "generator"
+        _, gen_summary = ensure_generator(args.generator_config, ct_dir, vae_dir, size, args.gen_steps, gen_ct,
+                                          progress, args.gen_set)
+        timings["generator_s"] = round(time.time() - t1, 1)
+    if mr_generator:
+        t1 = time.time()
+        gen_mr = work / "generator_mr"
+        ensure_generator(args.generator_config, mr_dir, vae_dir, size, args.gen_steps, gen_mr, progress, args.gen_set)
+        timings["generator_mr_s"] = round(time.time() - t1, 1)
+    return DemoParts(ct_dir=ct_dir, mr_dir=mr_dir, size=size, vae_dir=vae_dir, vae_reused=reused, gen_ct=gen_ct,
+                     gen_summary=gen_summary, gen_mr=gen_mr, timings=timings)
+
+
 def add_generator_arguments(p: argparse.ArgumentParser) -> None:
     """The demo generator's options (shared by demo.py, seeds.py and demo_generator.py)."""
     from fsmis.cli import positive_int
@@ -216,37 +277,21 @@ def main(argv=None) -> int:
     from fsmis.evaluation.figures import example_rows, overlay_panel
     from fsmis.evaluation.protocol import ProtocolConfig, evaluate
     from fsmis.evaluation.results import atomic_write_json, atomic_write_text, results_markdown, write_results
-    from fsmis.methods.autoencoder import REPORT_NAME, ensure_autoencoder
+    from fsmis.methods.autoencoder import REPORT_NAME
     from fsmis.methods.base import build_predictor
 
     t0 = time.time()
-    timings = {}
-    data, out, work = Path(args.data), Path(args.out), Path(args.work)
-    ct_dir = ensure_phantom(data / "ct", "ct", args.cases, args.seed, shape=args.shape)
+    out, work = Path(args.out), Path(args.work)
     # the MR phantom is only evaluated on (its labels): no supervoxels needed
-    mr_dir = ensure_phantom(data / "mr", "mr", args.cases, args.seed + 1000, supervoxels=False, shape=args.shape)
-    timings["data_s"] = round(time.time() - t0, 1)
-
-    t1 = time.time()
-    # the VAE works at the demo model's image size (128 px in configs/demo.yaml), on half-size crops
-    from fsmis.config import load_config
-
-    size = load_config(Path(args.config), args.overrides).data.image_size
-    vae_cfg = demo_vae_config(args.vae_config, ct_dir, args.vae_steps, size)
-    vae_dir, reused = ensure_autoencoder(vae_cfg, work / "vae", progress=not args.quiet)
-    if reused:
+    parts = ensure_demo_parts(args, generator=args.init == "generator", phantom_seed=args.seed)
+    ct_dir, mr_dir, vae_dir, gen_summary = parts.ct_dir, parts.mr_dir, parts.vae_dir, parts.gen_summary
+    timings = dict(parts.timings)
+    if parts.vae_reused:
         print(f"reusing the demo VAE in {vae_dir}")
     vae_report = json.loads((vae_dir / REPORT_NAME).read_text(encoding="utf-8"))
-    timings["vae_s"] = round(time.time() - t1, 1)
-
     overrides = [f"data.root={ct_dir}", f"model.vae_path={vae_dir}"]
-    gen_summary = None
-    if args.init == "generator":
-        t1 = time.time()
-        _, gen_summary = ensure_generator(args.generator_config, ct_dir, vae_dir, size, args.gen_steps,
-                                          work / "generator", not args.quiet, args.gen_set)
-        overrides.append(f"model.unet_init={work / 'generator'}")
-        timings["generator_s"] = round(time.time() - t1, 1)
+    if parts.gen_ct is not None:
+        overrides.append(f"model.unet_init={parts.gen_ct}")
     overrides += args.overrides
 
     t1 = time.time()

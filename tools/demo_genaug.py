@@ -4,15 +4,15 @@ SD-FSMIS on the phantom, each use against the same model without it, one seed. E
 cached under --work, like `make demo` (whose data, VAE, generator and trained run it reuses).
 
 1. the phantom data, the demo VAE, the demo generator (CT) and the demo SD-FSMIS run, exactly as
-   `make demo` (reused when present); the MR phantom gets supervoxels (the MR generator is label-free);
+   `make demo` (reused when present), and a demo generator trained label-free on the MR phantom's
+   supervoxels (--work/generator_mr), for MR supports;
 2. synthetic CT cases (tools/synthesize.py): --per-case edited mask volumes of each of the CT
    generator's training cases (the SD-FSMIS fold-0 training cases), in OUT/synthetic;
 3. the default filters (tools/filter_synthetic.py --default-filters: agreement of the demo run at
    tau = 0.5, memorisation) into OUT/synthetic_filtered (--no-filter: train on OUT/synthetic as is);
 4. SD-FSMIS + synthetic episodes: the demo run's config and seed with genaug.data=<that folder> and
    genaug.ratio=--ratio, the same number of steps (an equal training budget), in --work/run_genaug;
-5. a demo generator trained label-free on the MR phantom (--work/generator_mr), for MR supports;
-6. evaluation (canonical protocol, EP1, 1-shot, per-volume 3D Dice; in-domain CT fold 0,
+5. evaluation (canonical protocol, EP1, 1-shot, per-volume 3D Dice; in-domain CT fold 0,
    cross-domain all 5 folds of the MR phantom) of:
      sdfsmis                      the demo run
      sdfsmis+genaug               trained with synthetic episodes
@@ -22,7 +22,7 @@ cached under --work, like `make demo` (whose data, VAE, generator and trained ru
      sdfsmis+mask-support         MR queries, supports generated from the CT label masks by the MR
                                   generator (no MR annotation used anywhere; cross-domain only)
      support-copy+mask-support    support-copy of those CT masks (cross-domain only)
-7. writes OUT/report.md (the table and a bar chart), OUT/results.json ({variant: {split: results}},
+6. writes OUT/report.md (the table and a bar chart), OUT/results.json ({variant: {split: results}},
    the schema of `make demo`) and OUT/figures/.
 
 key=value overrides apply to the SD-FSMIS config of both trainings (e.g. train.seed=1).
@@ -104,7 +104,6 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the SD-FSMIS config")
     args = p.parse_args(argv)
 
-    from fsmis.config import load_config
     from fsmis.data.datasets import open_dataset
     from fsmis.evaluation.protocol import Evaluator, ProtocolConfig
     from fsmis.evaluation.results import atomic_write_json, atomic_write_text, write_results
@@ -112,7 +111,6 @@ def main(argv=None) -> int:
     from fsmis.genaug.support import SyntheticSupport
     from fsmis.genaug.synthesize import synthesize
     from fsmis.genaug.zeroshot import MaskSupportGenerator, MaskSupportSource
-    from fsmis.methods.autoencoder import ensure_autoencoder
     from fsmis.methods.base import build_predictor
 
     progress = not args.quiet
@@ -121,16 +119,12 @@ def main(argv=None) -> int:
     timings = {}
     t0 = time.time()
 
-    # 1. make demo's data, VAE, generator and run
-    ct_dir = D.ensure_phantom(data / "ct", "ct", args.cases, 0, shape=args.shape)
-    mr_dir = D.ensure_phantom(data / "mr", "mr", args.cases, 1000, supervoxels=True, shape=args.shape)
-    size = load_config(Path(args.config), args.overrides).data.image_size
-    vae_dir, _ = ensure_autoencoder(D.demo_vae_config(args.vae_config, ct_dir, args.vae_steps, size), work / "vae",
-                                    progress=progress)
-    gen_ct = work / "generator"
-    D.ensure_generator(args.generator_config, ct_dir, vae_dir, size, args.gen_steps, gen_ct, progress, args.gen_set)
+    # 1. make demo's data, VAE, generator and run; the MR generator (label-free, MR phantom supervoxels)
+    parts = D.ensure_demo_parts(args, mr_generator=True)
+    ct_dir, mr_dir, vae_dir, gen_ct, gen_mr = parts.ct_dir, parts.mr_dir, parts.vae_dir, parts.gen_ct, parts.gen_mr
     base = [f"data.root={ct_dir}", f"model.vae_path={vae_dir}", f"model.unet_init={gen_ct}", *args.overrides]
     cfg, summary = D.train_demo_model(Path(args.config), work / "run", base, progress)
+    timings.update(parts.timings)
     timings["make_demo_parts_s"] = round(time.time() - t0, 1)
 
     # 2-3. synthetic CT cases, filtered
@@ -154,13 +148,7 @@ def main(argv=None) -> int:
     cfg_g, summary_g = D.train_demo_model(Path(args.config), work / "run_genaug", ga, progress)
     timings["train_genaug_s"] = round(time.time() - t1, 1)
 
-    # 5. the MR generator (label-free, MR phantom supervoxels)
-    t1 = time.time()
-    gen_mr = work / "generator_mr"
-    D.ensure_generator(args.generator_config, mr_dir, vae_dir, size, args.gen_steps, gen_mr, progress, args.gen_set)
-    timings["generator_mr_s"] = round(time.time() - t1, 1)
-
-    # 6. evaluation
+    # 5. evaluation
     t1 = time.time()
     ct, mr = open_dataset(ct_dir), open_dataset(mr_dir)
     sd = D.trained_predictor(work / "run", cfg)
@@ -190,7 +178,7 @@ def main(argv=None) -> int:
     timings["evaluation_s"] = round(time.time() - t1, 1)
     timings["total_s"] = round(time.time() - t0, 1)
 
-    # 7. report
+    # 6. report
     png = bar_chart(results, out / "figures" / "genaug_utility.png", results["support-copy"])
     classes = results["support-copy"]["in_domain"]["protocol"]["test_classes"]
 

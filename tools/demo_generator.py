@@ -91,7 +91,6 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the SD-FSMIS config (both arms)")
     args = p.parse_args(argv)
 
-    from fsmis.config import load_config
     from fsmis.data.datasets import open_dataset
     from fsmis.data.normalize import normalize_volume
     from fsmis.evaluation.figures import example_rows, overlay_panel
@@ -99,25 +98,15 @@ def main(argv=None) -> int:
     from fsmis.evaluation.results import atomic_write_json, atomic_write_text, write_results
     from fsmis.genaug.quality import write_quality
     from fsmis.genaug.synthesize import SAMPLES_NAME, synthesize
-    from fsmis.methods.autoencoder import ensure_autoencoder
     from fsmis.methods.base import build_predictor
 
     progress = not args.quiet
     out, data, work = Path(args.out), Path(args.data), Path(args.work)
     D.refuse_inside(data, **{"--out": out, "--work": work})
-    timings = {}
     t0 = time.time()
-    ct_dir = D.ensure_phantom(data / "ct", "ct", args.cases, 0, shape=args.shape)
-    mr_dir = D.ensure_phantom(data / "mr", "mr", args.cases, 1000, supervoxels=False, shape=args.shape)
-    size = load_config(Path(args.config), args.overrides).data.image_size
-    vae_dir, _ = ensure_autoencoder(D.demo_vae_config(args.vae_config, ct_dir, args.vae_steps, size), work / "vae",
-                                    progress=progress)
-    timings["data_and_vae_s"] = round(time.time() - t0, 1)
-
-    # 2. the generator
-    gen_run = work / "generator"
-    _, gen_summary = D.ensure_generator(args.generator_config, ct_dir, vae_dir, size, args.gen_steps, gen_run,
-                                        progress, args.gen_set)
+    parts = D.ensure_demo_parts(args)  # the phantoms, the demo VAE and the generator, as make demo makes them
+    ct_dir, mr_dir, vae_dir, gen_run, gen_summary = parts.ct_dir, parts.mr_dir, parts.vae_dir, parts.gen_ct, parts.gen_summary
+    timings = {"data_and_vae_s": round(parts.timings["data_s"] + parts.timings["vae_s"], 1)}
     gen_seconds = float(gen_summary["seconds"])
 
     # 4a. SD-FSMIS from a random UNet (the demo's run)

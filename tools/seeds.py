@@ -33,7 +33,6 @@ supervoxels, WORK/generator_mr). Synthetic training episodes are overrides like 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -170,42 +169,27 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the SD-FSMIS config (the recipe under test)")
     args = p.parse_args(argv)
-    shape = args.shape
 
     from fsmis.atomic import atomic_write_json, atomic_write_text
-    from fsmis.config import ConfigError, load_config
+    from fsmis.config import ConfigError
     from fsmis.data.datasets import open_dataset
     from fsmis.data.nifti import DataError
     from fsmis.evaluation.protocol import ProtocolConfig, evaluate
-    from fsmis.methods.autoencoder import ensure_autoencoder
     from fsmis.methods.base import build_predictor
 
     if args.synthetic_support < 0:
         p.error(f"--synthetic-support must be >= 0, got {args.synthetic_support}")
-    out, data, work = Path(args.out), Path(args.data), Path(args.work)
-    vae_steps = args.vae_steps or D.DEMO_VAE_STEPS
+    out = Path(args.out)
     try:
-        ct_dir = D.ensure_phantom(data / "ct", "ct", args.cases, 0, shape=shape)
         test_time = bool(args.synthetic_support or args.mask_support)
-        # the MR generator of the test-time variants is label-free: the MR phantom then needs supervoxels
-        mr_dir = D.ensure_phantom(data / "mr", "mr", args.cases, 1000, supervoxels=test_time, shape=shape)
-        size = load_config(Path(args.config), args.overrides).data.image_size
-        vae_cfg = D.demo_vae_config(args.vae_config, ct_dir, vae_steps, size)
-        vae_dir, _ = ensure_autoencoder(vae_cfg, work / "vae", progress=not args.quiet)
+        # the MR generator of the test-time variants is label-free (the MR phantom's supervoxels)
+        parts = D.ensure_demo_parts(args, generator=args.init == "generator" or test_time, mr_generator=test_time)
+        ct_dir, mr_dir, vae_dir, gen_ct, gen_mr = parts.ct_dir, parts.mr_dir, parts.vae_dir, parts.gen_ct, parts.gen_mr
         init, generator = [], None
         if args.init == "generator":
-            _, gen_summary = D.ensure_generator(args.generator_config, ct_dir, vae_dir, size, args.gen_steps,
-                                                work / "generator", not args.quiet, args.gen_set)
-            init = [f"model.unet_init={work / 'generator'}"]
-            generator = {"run": str(work / "generator"), "steps": gen_summary["steps"],
-                         "seconds": gen_summary["seconds"], "overrides": args.gen_set}
-        gen_ct = gen_mr = None
-        if test_time:
-            gen_ct, gen_mr = work / "generator", work / "generator_mr"
-            D.ensure_generator(args.generator_config, ct_dir, vae_dir, size, args.gen_steps, gen_ct, not args.quiet,
-                               args.gen_set)
-            D.ensure_generator(args.generator_config, mr_dir, vae_dir, size, args.gen_steps, gen_mr, not args.quiet,
-                               args.gen_set)
+            init = [f"model.unet_init={gen_ct}"]
+            generator = {"run": str(gen_ct), "steps": parts.gen_summary["steps"],
+                         "seconds": parts.gen_summary["seconds"], "overrides": args.gen_set}
         ct, mr = open_dataset(ct_dir), open_dataset(mr_dir)
         splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[0], surface_metrics=False)),
                   "cross_domain": (mr, ProtocolConfig(surface_metrics=False))}
