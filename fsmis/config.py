@@ -51,10 +51,14 @@ class TrainConfig:
     log_every: int = 10
     image_every: int = 500
     keep_last: int = 3  # step checkpoints kept besides best and last
-    schedule: str = "linear"  # linear (decay to 0, released) | warmup_cosine | constant
+    schedule: str = "linear"  # linear (decay to 0, released) | warmup_cosine | constant | step
     warmup_steps: int = 0  # warmup_cosine: linear warm-up over this many steps
     final_lr_ratio: float = 0.05  # warmup_cosine: the learning rate ends at this fraction of its peak
     fg_weight: float = 1.0  # SD-FSMIS latent MSE: weight of latent cells under the query mask (1: plain MSE, released)
+    optimizer: str = "adamw"  # adamw | sgd (SGD with momentum: the released recipes of the prototype baselines)
+    momentum: float = 0.9  # sgd only
+    lr_step_every: int = 1000  # schedule=step: the learning rate is multiplied by lr_gamma every this many steps
+    lr_gamma: float = 0.95  # schedule=step (the prototype baselines' MultiStepLR)
 
 
 @dataclass
@@ -227,7 +231,11 @@ _RANGES = {  # key: (test, what it must be)
     "model.threshold_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "model.threshold_floor": (lambda v: 0 <= v < 1, "in [0, 1) (0: none)"),
     "train.precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
-    "train.schedule": (lambda v: v in ("linear", "constant", "warmup_cosine"), "linear, constant or warmup_cosine"),
+    "train.schedule": (lambda v: v in ("linear", "constant", "warmup_cosine", "step"),
+                       "linear, constant, warmup_cosine or step"),
+    "train.optimizer": (lambda v: v in ("adamw", "sgd"), "adamw or sgd"),
+    "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "train.lr_step_every": (lambda v: v >= 1, ">= 1"),
+    "train.lr_gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "eval.chunk_batch": (lambda v: v >= 1, ">= 1"), "eval.support": (lambda v: v in ("1shot", "3shot"), "1shot or 3shot"),
     "data.image_size": (lambda v: v >= 8, ">= 8"), "data.n_val": (lambda v: v >= 0, ">= 0"),
     "data.min_fg_pixels": (lambda v: v >= 0, ">= 0"), "data.fold": (lambda v: v >= 0, ">= 0"),

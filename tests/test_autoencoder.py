@@ -282,8 +282,19 @@ def test_cache_reused_and_keyed(tiny_dir, tmp_path, monkeypatch):
     assert ae.cache_key(_cfg(tiny_dir, "train.max_steps=2", "name=other")) == key
     # nor the genaug section (an autoencoder refuses synthetic episodes; caches from before it exist)
     assert ae.cache_key(_cfg(tiny_dir, "train.max_steps=2", "genaug.data=[elsewhere]", "genaug.pairing=synthetic")) == key
+    # nor the train keys added later, at their defaults: the key is the one computed without them
+    from fsmis.config import TrainConfig
+
+    assert all(getattr(TrainConfig(), k) == v for k, v in ae.LATER_TRAIN_DEFAULTS.items())
+    from unittest import mock
+
+    full = type(cfg).to_dict
+    with mock.patch.object(type(cfg), "to_dict", lambda self: {  # a config from before those keys
+            **full(self), "train": {k: v for k, v in full(self)["train"].items() if k not in ae.LATER_TRAIN_DEFAULTS}}):
+        assert ae.cache_key(cfg) == key
     for change in ("train.max_steps=3", "train.seed=1", "train.lr=2e-3", "data.crop=8", "data.image_size=64",
-                   "train.batch_size=6", "data.masks=labels", "model.kl_weight=1e-5"):
+                   "train.batch_size=6", "data.masks=labels", "model.kl_weight=1e-5", "train.optimizer=sgd",
+                   "train.schedule=step", "train.lr_gamma=0.5"):
         assert ae.cache_key(_cfg(tiny_dir, "train.max_steps=2", change)) != key, change
     # an incomplete entry (no report) is not reused
     (first / ae.REPORT_NAME).unlink()

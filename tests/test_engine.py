@@ -137,7 +137,27 @@ def test_learning_rate_schedules():
     assert lrs[-1] == pytest.approx(2.0 * 0.05, rel=0.01)
     assert learning_rate(TrainConfig(schedule="constant"), 7, 3.0) == 3.0
     with pytest.raises(ValueError, match="schedule"):
-        learning_rate(TrainConfig(schedule="step"), 0, 1.0)
+        learning_rate(TrainConfig(schedule="poly"), 0, 1.0)
+
+
+def test_step_schedule_and_sgd_follow_multisteplr():
+    """schedule=step gives torch's MultiStepLR with the baselines' milestones ((i + 1)·every for
+    i < max_steps // every − 1), and optimizer=sgd is torch's SGD with momentum."""
+    from fsmis.engine.trainer import make_optimizer
+
+    cfg = TrainConfig(max_steps=5000, schedule="step", lr_step_every=1000, lr_gamma=0.5, optimizer="sgd",
+                      momentum=0.9, weight_decay=5e-4, lr=1e-3)
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = make_optimizer([{"params": [w], "lr": cfg.lr}], cfg, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(ref_opt, [(i + 1) * 1000 for i in range(5000 // 1000 - 1)], 0.5)
+    for step in range(5000):
+        assert learning_rate(cfg, step, 1e-3) == pytest.approx(ref_opt.param_groups[0]["lr"]), step
+        ref_opt.step()
+        sched.step()
+    with pytest.raises(ValueError, match="optimizer"):
+        make_optimizer([{"params": [w], "lr": 1.0}], TrainConfig(optimizer="lion"), torch.device("cpu"))
 
 
 def test_a_slice_reaches_the_model_identically_in_training_and_evaluation(tmp_path, tiny_data):

@@ -42,11 +42,17 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_optimizer(groups: list[dict], train_cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the method's groups (each with its ``lr``; kept as ``base_lr`` for the schedule).
-    On CUDA the fused kernel is used (``train.fused_optimizer``, default true; CPU never)."""
+def make_optimizer(groups: list[dict], train_cfg, device: torch.device) -> torch.optim.Optimizer:
+    """``train.optimizer`` over the method's groups (each with its ``lr``; kept as ``base_lr`` for the
+    schedule): AdamW (default; on CUDA the fused kernel, ``train.fused_optimizer``, CPU never) or SGD
+    with ``train.momentum`` (the prototype baselines' released recipes)."""
     groups = [dict(g, base_lr=g["lr"]) for g in groups]
     fused = train_cfg.fused_optimizer and device.type == "cuda"
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum,
+                               weight_decay=train_cfg.weight_decay)
+    if train_cfg.optimizer != "adamw":
+        raise ValueError(f"train.optimizer={train_cfg.optimizer!r} (adamw | sgd)")
     return torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                              **({"fused": True} if fused else {}))
 
@@ -55,7 +61,9 @@ def learning_rate(train_cfg, step: int, base: float) -> float:
     """The learning rate of optimiser step ``step`` (0-based) for a group whose peak is ``base``.
 
     ``linear``: base · (1 − step / max_steps), the released recipe; ``constant``; ``warmup_cosine``:
-    linear warm-up over ``warmup_steps``, then cosine to ``final_lr_ratio`` · base."""
+    linear warm-up over ``warmup_steps``, then cosine to ``final_lr_ratio`` · base; ``step``: base ·
+    lr_gamma^k after k of the milestones lr_step_every, 2·lr_step_every, ... below max_steps (the
+    MultiStepLR of the prototype baselines: milestones (i + 1)·1000 for i < max_steps // 1000 − 1)."""
     kind, n = train_cfg.schedule, max(1, train_cfg.max_steps)
     if kind == "linear":
         return base * max(0.0, 1.0 - step / n)
@@ -68,7 +76,10 @@ def learning_rate(train_cfg, step: int, base: float) -> float:
         t = (step - warm) / max(1, n - warm)
         r = train_cfg.final_lr_ratio
         return base * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * t)))
-    raise ValueError(f"train.schedule={kind!r} (linear | constant | warmup_cosine)")
+    if kind == "step":
+        every = max(1, int(train_cfg.lr_step_every))
+        return base * train_cfg.lr_gamma ** min(step // every, max(0, n // every - 1))
+    raise ValueError(f"train.schedule={kind!r} (linear | constant | warmup_cosine | step)")
 
 
 class EMA:

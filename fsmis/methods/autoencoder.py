@@ -480,15 +480,24 @@ def _versions() -> dict:
 
 
 # -- a cache of trained autoencoders (the demo) ---------------------------------------------------
+# train.* keys added after the cache format: left out of the key at these (their default) values, so
+# that the keys of caches written before they existed still hold; any other value changes the key
+LATER_TRAIN_DEFAULTS = {"optimizer": "adamw", "momentum": 0.9, "lr_step_every": 1000, "lr_gamma": 0.95}
+
+
 def cache_key(cfg) -> str:
     """16 hex digits identifying a trained autoencoder: the data (dataset.json and file names and
-    sizes), every config key but ``data.root``, ``name`` and the ``genaug`` section (synthetic
-    episodes are refused for an autoencoder, so it changes no weights; left out, the keys of caches
-    written before the section existed still hold), and :data:`VERSION`."""
+    sizes), every config key but ``data.root``, ``name``, the ``genaug`` section (synthetic
+    episodes are refused for an autoencoder, so it changes no weights) and the train keys of
+    :data:`LATER_TRAIN_DEFAULTS` at their defaults (left out, the keys of caches written before they
+    existed still hold), and :data:`VERSION`."""
     d = cfg.to_dict()
     d.pop("name", None)
     d.pop("genaug", None)
     d["data"].pop("root", None)
+    for k, v in LATER_TRAIN_DEFAULTS.items():
+        if d["train"].get(k) == v:
+            d["train"].pop(k)
     blob = json.dumps({"data": data_fingerprint(_open_many(cfg.data.root))["sha256"], "config": d,
                        "version": VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
