@@ -793,3 +793,88 @@ def load_vtct_encoder(cfg):
     row.notes.append("DINOv2 via transformers (loading info + an independent second load compared)")
     _raise_if_bad(row, shown)
     return enc, row
+
+
+# ------------------------------------------------------------------------------------------------
+# CNN backbones of the baselines (fsmis.models.baselines.backbones)
+# ------------------------------------------------------------------------------------------------
+
+CHECKPOINT_NESTS = ("state_dict", "model")  # where released training checkpoints keep the tensors
+
+
+def _read_backbone_file(path: Path) -> tuple[dict, list[str]]:
+    """All tensors of one checkpoint file (safetensors, or ``torch.load(weights_only=True)``) and notes
+    on how they were found: tensors nested under ``state_dict`` / ``model`` are taken from there."""
+    if path.suffix.lower() == ".safetensors":
+        return _read_ldm_subset(path, ("",))[0], []
+    # not _torch_load: it unwraps "state_dict" silently and cannot see a "model" nest
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except Exception as exc:
+        raise WeightLoadError(f"{path}: cannot read the checkpoint with torch.load(weights_only=True) "
+                              f"(truncated, corrupt, or it pickles more than tensors): {type(exc).__name__}: {exc}"
+                              ) from exc
+    notes = []
+    for key in CHECKPOINT_NESTS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            others = sorted(str(k) for k in obj if k != key)
+            notes.append(f"tensors nested under {key!r} in the checkpoint"
+                         + (f" (other entries not used: {_head(others, 5)})" if others else ""))
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise WeightLoadError(f"{path}: expected a dict of tensors (or one nested under "
+                              f"{' / '.join(map(repr, CHECKPOINT_NESTS))}), got {type(obj).__name__}")
+    skipped = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if skipped:
+        notes.append(f"{len(skipped)} non-tensor entries not used: {_head(skipped, 5)}")
+    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}, notes
+
+
+def load_backbone_weights(module: nn.Module, path, prefix: str = "backbone.",
+                          ignore_prefixes=("classifier.", "aux_classifier."), name: str = "backbone") -> ComponentLoad:
+    """Strictly load a CNN backbone (e.g. the ResNet trunk of fsmis.models.baselines.backbones) from one
+    local file and return its report row.
+
+    The trunk tensors are the file's keys under ``prefix`` (stripped): by default the layout of
+    torchvision's MS-COCO DeepLabV3 checkpoint (``backbone.conv1.weight``, ...), whose head keys under
+    ``ignore_prefixes`` (``classifier.*``, ``aux_classifier.*``) are counted in the notes and not used.
+    Any other key is unexpected. Every tensor of ``module.state_dict()`` must be in the file with its
+    shape, BatchNorm ``num_batches_tracked`` included (torchvision saves them; a file without them is
+    refused rather than silently completed). A missing, unexpected or mis-shaped key raises
+    :class:`WeightLoadError` naming the file and the keys; the row lists all of them (missing and
+    mismatched by module key, unexpected by file key). After loading, every tensor is compared with
+    the file's, whole (``row.loaded == row.expected``). ``module`` must be materialised (not on meta).
+    """
+    path = Path(path).expanduser()
+    row = ComponentLoad(name, source=str(path), pretrained=True)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    row.expected = len(expected)
+    if not path.is_file():
+        raise WeightLoadError(f"{name}: {path}: no such file", row)
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise WeightLoadError(f"{name}: {path}: unsupported weight file type {path.suffix!r} "
+                              f"({', '.join(SINGLE_FILE_SUFFIXES)})", row)
+    tensors, notes = _read_backbone_file(path)
+    row.notes += notes
+    ignore = tuple(ignore_prefixes or ())
+    ignored = {k for k in tensors if ignore and k.startswith(ignore)}
+    trunk = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and k not in ignored}
+    other = sorted(k for k in tensors if not k.startswith(prefix) and k not in ignored)
+    if ignored:
+        heads = sorted({p for p in ignore for k in ignored if k.startswith(p)})
+        row.notes.append(f"{len(ignored)} head tensors ignored ({', '.join(h + '*' for h in heads)})")
+    row.file_dtype = _dtype_summary(str(v.dtype).replace("torch.", "") for v in trunk.values())
+    _compare_keys(row, expected, {k: tuple(v.shape) for k, v in trunk.items()})
+    row.unexpected = [prefix + k for k in row.unexpected] + other
+    row.loaded = len(expected) - len(row.missing) - len(row.mismatched)
+    if not trunk:
+        raise WeightLoadError(f"{name}: {path} holds no tensor under {prefix!r} (first keys: "
+                              f"{_head(sorted(tensors), 5)}); give the prefix of the backbone keys "
+                              "(\"\" for a plain ResNet state dict)", row)
+    _raise_if_bad(row, str(path))
+    module.load_state_dict(trunk, strict=True)
+    _check_loaded(row, module, lambda items: ((k, trunk[k]) for k, _ in items if k in trunk), "full")
+    _raise_if_bad(row, str(path))
+    row.params = sum(p.numel() for p in module.parameters())
+    return row

@@ -1,0 +1,1 @@
+"""Baseline few-shot segmentation models (PANet, SSL-ALPNet, ADNet, UniverSeg) and their backbones."""
