@@ -29,6 +29,8 @@ class DataConfig:
     image_size: int = 256
     augment: bool = True
     shift_px: int = 0  # random shift (pixels) of support and query, against position copying
+    sampler: str = "consecutive"  # consecutive (ADNet family, SD-FSMIS) | same_slice (SSL-ALPNet: two augmentations of one slice)
+    n_shot: int = 1  # support slices per training episode
 
 
 @dataclass
@@ -164,6 +166,10 @@ def _coerce(val, ftype, where):
         if not isinstance(val, bool):
             raise ConfigError(f"{where}: expected true/false, got {val!r}")
         return val
+    if t.startswith("list[int]"):
+        if not isinstance(val, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in val):
+            raise ConfigError(f"{where}: expected a list of integers, got {val!r}")
+        return [int(v) for v in val]
     if t == "list":
         if isinstance(val, str):
             return [val]
@@ -242,7 +248,9 @@ _RANGES = {  # key: (test, what it must be)
     "data.setting": (lambda v: v in (1, 2), "1 or 2"), "data.exclusion": (lambda v: v in ("any", "all"), "any or all"),
     "data.protocol": (lambda v: v in ("canonical", "legacy"), "canonical or legacy"),
     "data.labels": (lambda v: v in ("supervoxel", "label"), "supervoxel or label"),
-    "data.shift_px": (lambda v: v >= 0, ">= 0"), "data.crop": (lambda v: v >= 1, ">= 1"),
+    "data.shift_px": (lambda v: v >= 0, ">= 0"),
+    "data.sampler": (lambda v: v in ("consecutive", "same_slice"), "consecutive or same_slice"),
+    "data.n_shot": (lambda v: v >= 1, ">= 1"), "data.crop": (lambda v: v >= 1, ">= 1"),
     "genaug.ratio": (lambda v: 0 <= v <= 1, "in [0, 1] (0: no synthetic episodes)"),
     "genaug.pairing": (lambda v: v in ("source", "synthetic"), "source or synthetic"),
 }

@@ -15,7 +15,8 @@ A method is a class with:
 - optionally :meth:`Method.predictor` (a :class:`~fsmis.methods.base.Predictor` over the
   trained model) and :meth:`Method.validate`, :meth:`Method.preview` and :meth:`Method.finalize`.
 
-``method:`` in a config is a registered name (``sdfsmis``, ``autoencoder``, ``generator``) or an import path
+``method:`` in a config is a registered name (``sdfsmis``, ``autoencoder``, ``generator``, the baselines
+``panet``, ``alpnet``, ``adnet``, ``universeg``) or an import path
 ``package.module:Class``, so a new method needs no engine change.
 """
 from __future__ import annotations
@@ -137,6 +138,10 @@ _BUILTIN = {
     "sdfsmis": "fsmis.methods.sdfsmis:SDFSMISMethod",
     "autoencoder": "fsmis.methods.autoencoder:AutoencoderMethod",
     "generator": "fsmis.genaug.generator:GeneratorMethod",
+    "panet": "fsmis.methods.baselines:PANetMethod",
+    "alpnet": "fsmis.methods.baselines:ALPNetMethod",
+    "adnet": "fsmis.methods.baselines:ADNetMethod",
+    "universeg": "fsmis.methods.baselines:UniverSegMethod",
 }
 _REGISTRY: dict[str, type] = {}
 

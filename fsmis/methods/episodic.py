@@ -21,12 +21,26 @@ def fold_split(cfg, dataset):
 
 
 def make_sampler(cfg, dataset, train_cases, normalization: str = "minmax"):
-    from ..data.episodes import ConsecutiveSliceSampler
+    """The training episodes of ``data.sampler``: ``consecutive`` (ADNet family, SD-FSMIS: consecutive
+    slices of one volume) or ``same_slice`` (SSL-ALPNet: two augmentations of one slice and one
+    superpixel; needs data.augment and data.labels=supervoxel)."""
+    from ..data.episodes import ConsecutiveSliceSampler, SameSliceSampler
 
+    d = cfg.data
+    n_shot = getattr(d, "n_shot", 1)
+    if getattr(d, "sampler", "consecutive") == "same_slice":
+        if not d.augment:
+            raise ValueError("data.sampler=same_slice needs data.augment=true: support and query are two "
+                             "augmentations of one slice")
+        if d.labels != "supervoxel":
+            raise ValueError("data.sampler=same_slice draws superpixels: it needs data.labels=supervoxel")
+        return SameSliceSampler(dataset, train_cases, n_shot=n_shot, setting=d.setting, exclusion=d.exclusion,
+                                min_fg_pixels=d.min_fg_pixels, augment="default", normalization=normalization,
+                                seed=cfg.train.seed)
     return ConsecutiveSliceSampler(
-        dataset, train_cases, n_shot=1, setting=cfg.data.setting, exclusion=cfg.data.exclusion,
-        labels=cfg.data.labels, min_fg_pixels=cfg.data.min_fg_pixels,
-        augment="default" if cfg.data.augment else None, normalization=normalization, seed=cfg.train.seed)
+        dataset, train_cases, n_shot=n_shot, setting=d.setting, exclusion=d.exclusion,
+        labels=d.labels, min_fg_pixels=d.min_fg_pixels,
+        augment="default" if d.augment else None, normalization=normalization, seed=cfg.train.seed)
 
 
 class EpisodicMethod(Method):
@@ -50,6 +64,10 @@ class EpisodicMethod(Method):
         self.genaug = None
         if cfg.genaug.ratio > 0:
             from ..genaug.episodes import SyntheticEpisodes, ratio_fraction
+
+            if getattr(cfg.data, "sampler", "consecutive") != "consecutive":
+                raise ValueError("genaug.ratio > 0 draws synthetic episodes as the consecutive sampler does: "
+                                 f"it needs data.sampler=consecutive (got {cfg.data.sampler})")
 
             self.genaug = SyntheticEpisodes(cfg.genaug.data, self.sampler, self.fold, self.val_cases,
                                             cfg.genaug.pairing)

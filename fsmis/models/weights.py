@@ -101,11 +101,12 @@ class LoadReport:
     unet: ComponentLoad | None = None
     vae: ComponentLoad | None = None
     vtct_encoder: ComponentLoad | None = None
+    others: list[ComponentLoad] = field(default_factory=list)  # components of other methods (a baseline's backbone)
     warnings: list[str] = field(default_factory=list)
     summary: dict = field(default_factory=dict)  # sqi_layers, cross_attention_dim, parameter counts, ...
 
     def rows(self) -> list[ComponentLoad]:
-        return [r for r in (self.unet, self.vae, self.vtct_encoder) if r is not None]
+        return [r for r in (self.unet, self.vae, self.vtct_encoder, *self.others) if r is not None]
 
     @property
     def ok(self) -> bool:
