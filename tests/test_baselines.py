@@ -203,3 +203,30 @@ def test_each_baseline_trains_with_train_py_and_is_scored_by_test_py(name, tiny,
                         "--data", str(tiny), "--out", str(tmp_path / "bad"), "--quiet"], capture_output=True,
                        text=True, cwd=ROOT, env=env)
     assert r.returncode == 2 and name in r.stderr
+
+
+def test_dry_run_checks_a_coco_layout_backbone_file(tmp_path):
+    """train.py --dry-run with model.backbone_weights: exit 0 on a complete COCO-layout file (torchvision
+    deeplabv3_resnet101 key names, backbone. prefix, random weights), 2 naming the key when one trunk
+    tensor is missing."""
+    from fsmis.models.baselines.backbones import ResNetTrunk
+
+    torch.manual_seed(0)
+    trunk = ResNetTrunk(101).state_dict()
+    full = {f"backbone.{k}": v for k, v in trunk.items()}
+    full.update({"classifier.4.weight": torch.zeros(21, 256, 1, 1), "aux_classifier.4.weight": torch.zeros(21, 256, 1, 1)})
+    good = tmp_path / "coco.pth"
+    torch.save(full, good)
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "alpnet_abd_mri_setting1.yaml"),
+           "--dry-run", f"data.root={tmp_path / 'no_data'}"]
+    r = subprocess.run([*cmd, f"model.backbone_weights={good}"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{len(trunk)}/{len(trunk)}" in r.stdout and "2 head tensors ignored" in r.stdout
+    gone = "backbone.layer3.7.conv2.weight"
+    del full[gone]
+    bad = tmp_path / "partial.pth"
+    torch.save(full, bad)
+    r = subprocess.run([*cmd, f"model.backbone_weights={bad}"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 2
+    assert "layer3.7.conv2.weight" in r.stderr and str(bad) in r.stderr
