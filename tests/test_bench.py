@@ -30,3 +30,19 @@ def test_bench_rows_table_and_json(tmp_path):
     table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
     assert len(table) == 1 + len(rows)
     assert table[1].endswith("| 1.0x |")
+
+
+def test_bench_baseline_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--baselines", "panet", "alpnet", "adnet", "universeg",
+         "--no-sdfsmis", "--device", "cpu", "--size", "32", "--steps", "1", "--batch", "2", "--chunk", "3",
+         "--universeg-width", "4", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [(r["row"], r["batch"]) for r in data["rows"]] == [
+        (f"{m} {k}", b) for m in ("panet", "alpnet", "adnet", "universeg") for k, b in (("train", 2), ("eval", 3))]
+    for r in data["rows"]:
+        assert "error" not in r, r
+        assert r["rate"] > 0 and r["peak_gib"] > 0

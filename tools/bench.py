@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Speed and memory of SD-FSMIS: the released form against this project's fast path.
+"""Speed and memory of SD-FSMIS (the released form against this project's fast path) and of the
+baselines.
 
   python tools/bench.py                         # demo architecture on this machine
   python tools/bench.py --arch sd15 --device cuda --size 256 --json bench.json
+  python tools/bench.py --baselines panet alpnet adnet universeg --no-sdfsmis      # demo baselines
+  python tools/bench.py --baselines panet alpnet adnet --backbone resnet101 --size 256 --device cuda --no-sdfsmis
 
 Rows, measured in one run on the same random-weight model:
   train released : fp32, one episode per step (batch 1)
@@ -10,6 +13,12 @@ Rows, measured in one run on the same random-weight model:
                    on CUDA (--grad-ckpt adds the same with gradient checkpointing)
   eval released  : one query slice per forward (support pass repeated for every slice)
   eval fast      : every query slice of a chunk in one forward sharing one support pass
+
+Baseline rows (--baselines): "<method> train" (a full optimiser step of the method's own loss,
+--batch episodes of one 1-shot support and one query each; the optimiser and schedule of its demo
+config) and "<method> eval" (its predictor's forward on one support and --chunk query slices), with
+the demo configs' models (the small backbone; --backbone resnet50 | resnet101 for the DeepLabV3
+trunks; UniverSeg at its demo width, --universeg-width 64 for the published one), random weights.
 
 Throughput is episodes/s (training) and query slices/s (evaluation); peak memory is the
 GPU's max allocated memory, or on CPU the process's peak resident memory of a fresh worker
@@ -119,6 +128,73 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
     queue.put({"rate": rate, "seconds": dt, "peak_gib": peak, "build_seconds": t_build})
 
 
+def _baseline_row(kind: str, name: str, backbone: str, width: int, device: str, batch: int, size: int, steps: int,
+                  chunk: int, queue):
+    import torch
+
+    from fsmis.config import load_config
+    from fsmis.data.batch import Batch
+    from fsmis.engine.method import method_class
+    from fsmis.engine.trainer import make_optimizer
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    over = [f"data.image_size={size}"]
+    over += [f"model.encoder_blocks=[{width}, {width}, {width}, {width}]"] if name == "universeg" else (
+        [f"model.backbone={backbone}"] + (["model.feat_dim=256"] if backbone != "small" else []))
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}_demo.yaml", over)
+    t_build = time.perf_counter()
+    method = method_class(name)(cfg, dev)
+    method.build()
+    t_build = time.perf_counter() - t_build
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        sync = torch.cuda.synchronize
+    else:
+        def sync():
+            return None
+
+    def rand(n, mask=False):
+        x = torch.rand(n, 1, size, size, device=dev)
+        return (x > 0.7).float() if mask else x * 2 - 1
+
+    if kind == "train":
+        opt = make_optimizer(method.param_groups(), cfg.train, dev)
+        method.module.train()
+
+        def step():
+            loss = method.loss(Batch(rand(batch), rand(batch, True), rand(batch), 1, 1, rand(batch, True)), None)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        dt = _timed(step, steps, sync)
+        rate = steps * batch / dt
+    else:
+        method.module.eval()
+        s_img, s_msk, q = rand(1), rand(1, True), rand(chunk)
+
+        def run():
+            method.fg_probability(s_img, s_msk, q)
+
+        dt = _timed(run, steps, sync)
+        rate = steps * chunk / dt
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    queue.put({"rate": rate, "seconds": dt, "peak_gib": peak, "build_seconds": t_build})
+
+
+def measure_baseline(kind, name, backbone, width, device, batch, size, steps, chunk):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_baseline_row, args=(kind, name, backbone, width, device, batch, size, steps, chunk, q))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        return {"error": f"worker exited with {p.exitcode}"}
+    return q.get()
+
+
 def measure(kind, arch, device, precision, batch, size, steps, chunk, grad_ckpt=False, fast=False,
             channels_last=False):
     ctx = mp.get_context("spawn")
@@ -147,6 +223,12 @@ def main(argv=None) -> int:
                     help="add 'train fast + ckpt' rows: the fast path with gradient checkpointing")
     ap.add_argument("--channels-last", action="store_true", help="fast rows with channels-last tensors")
     ap.add_argument("--no-released", action="store_true", help="skip the released-form rows")
+    ap.add_argument("--baselines", nargs="+", default=[], choices=["panet", "alpnet", "adnet", "universeg"],
+                    help="add a train and an eval row for each of these baselines")
+    ap.add_argument("--backbone", default="small", choices=["small", "resnet50", "resnet101"],
+                    help="the prototype baselines' backbone (default: the demo's small one)")
+    ap.add_argument("--universeg-width", type=int, default=16, help="UniverSeg features per level (64: published)")
+    ap.add_argument("--no-sdfsmis", action="store_true", help="no SD-FSMIS rows (baselines only)")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args(argv)
 
@@ -158,22 +240,31 @@ def main(argv=None) -> int:
     steps = args.steps or (20 if device.startswith("cuda") else 3)
     batches = [int(b) for b in str(args.batch).split(",")]
     chunks = [int(c) for c in str(args.chunk).split(",")]
-    rows = [] if args.no_released else [("train released", "train", "fp32", 1, False, chunks[0])]
-    for b in batches:
+    rows = [] if args.no_released or args.no_sdfsmis else [("train released", "train", "fp32", 1, False, chunks[0])]
+    for b in ([] if args.no_sdfsmis else batches):
         rows.append(("train fast", "train", precision, b, False, chunks[0]))
         if args.grad_ckpt:
             rows.append(("train fast + ckpt", "train", precision, b, True, chunks[0]))
-    if not args.no_released:
+    if not args.no_released and not args.no_sdfsmis:
         rows.append(("eval released", "eval", "fp32", 1, False, chunks[0]))
-    rows += [("eval fast", "eval", precision, c, False, c) for c in chunks]
+    if not args.no_sdfsmis:
+        rows += [("eval fast", "eval", precision, c, False, c) for c in chunks]
+    for m in args.baselines:
+        rows += [(f"{m} train", "train", "fp32", batches[0], False, chunks[0]),
+                 (f"{m} eval", "eval", "fp32", chunks[0], False, chunks[0])]
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
-    print(f"bench: arch {args.arch}, {size} px, device {gpu or 'cpu'} "
+    print(f"bench: arch {args.arch}, {size} px, device {gpu or 'cpu'}, baselines {args.baselines or '-'} "
+          f"(backbone {args.backbone}) "
           f"({torch.get_num_threads()} threads), {steps} timed iterations per row")
     results = []
     for name, kind, prec, batch, ckpt, chunk in rows:
         fast = "fast" in name
         cl = fast and args.channels_last
-        r = measure(kind, args.arch, device, prec, batch, size, steps, chunk, ckpt, fast, cl)
+        method = name.split()[0]
+        if method in args.baselines:
+            r = measure_baseline(kind, method, args.backbone, args.universeg_width, device, batch, size, steps, chunk)
+        else:
+            r = measure(kind, args.arch, device, prec, batch, size, steps, chunk, ckpt, fast, cl)
         if cl:
             name += " + NHWC"
         r.update(row=name, precision=prec, batch=batch, grad_ckpt=ckpt, channels_last=cl)
@@ -183,7 +274,7 @@ def main(argv=None) -> int:
     unit = {"train": "episodes/s", "eval": "slices/s"}
     lines = ["| row | precision | batch | throughput | peak memory (GiB) | speed-up |", "|---|---|---|---|---|---|"]
     for r in results:
-        kind = r["row"].split()[0]
+        kind = r["row"].split()[-1] if r["row"].split()[0] in args.baselines else r["row"].split()[0]
         base = next((x for x in results if x["row"] == f"{kind} released"), {})
         sp = f"{r['rate'] / base['rate']:.1f}x" if "rate" in r and "rate" in base else "–"
         thr = f"{r['rate']:.2f} {unit[kind]}" if "rate" in r else r.get("error")
@@ -194,7 +285,7 @@ def main(argv=None) -> int:
         from fsmis.atomic import atomic_write_json
 
         atomic_write_json(args.json, {"arch": args.arch, "size": size, "device": gpu or "cpu",
-                                      "steps": steps, "rows": results})
+                                      "steps": steps, "backbone": args.backbone, "rows": results})
         print(f"wrote {args.json}")
     return 0
 
