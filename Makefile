@@ -8,10 +8,11 @@ DEMO_DATA ?= datasets/phantom
 DEMO_CMR_DIR ?= results/demo-cmr
 DEMO_GEN_DIR ?= results/demo-generator
 DEMO_GENAUG_DIR ?= results/demo-genaug
+DEMO_BASELINES_DIR ?= results/demo-baselines
 DATA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-generator demo-genaug demo-cmr demo-cmr-data test clean-demo
+.PHONY: install demo demo-generator demo-genaug demo-baselines demo-cmr demo-cmr-data test clean-demo
 
 install: $(STAMP)
 
@@ -36,6 +37,11 @@ demo-generator: $(STAMP)
 # generated from masks alone, each against the same model without it (reuses make demo's cache)
 demo-genaug: $(STAMP)
 	$(BIN)/python tools/demo_genaug.py --data $(DEMO_DATA) --out $(DEMO_GENAUG_DIR)
+
+# PANet, SSL-ALPNet, ADNet and UniverSeg on the phantom, each at the demo SD-FSMIS's wall-clock training
+# budget, in make demo's report format (reuses make demo's data, and its SD-FSMIS run when present)
+demo-baselines: $(STAMP)
+	$(BIN)/python tools/demo_baselines.py --data $(DEMO_DATA) --out $(DEMO_BASELINES_DIR)
 
 # the demo recipe on the real Card-MRI: DATA = the published folder (cmr_MR_normalized/ and
 # supervoxels_1000/) or a folder holding it
