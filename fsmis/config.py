@@ -31,6 +31,7 @@ class DataConfig:
     shift_px: int = 0  # random shift (pixels) of support and query, against position copying
     sampler: str = "consecutive"  # consecutive (ADNet family, SD-FSMIS) | same_slice (SSL-ALPNet: two augmentations of one slice)
     n_shot: int = 1  # support slices per training episode
+    pseudolabels: str | None = None  # pseudo-label folder (e.g. superpixels_400: SSL-ALPNet's 2D superpixels); default: the supervoxels
 
 
 @dataclass

@@ -230,3 +230,24 @@ def test_dry_run_checks_a_coco_layout_backbone_file(tmp_path):
     r = subprocess.run([*cmd, f"model.backbone_weights={bad}"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 2
     assert "layer3.7.conv2.weight" in r.stderr and str(bad) in r.stderr
+
+
+def test_the_pseudolabel_folder_is_a_data_option(tiny, tmp_path):
+    """data.pseudolabels names the folder episodes draw classes from (SSL-ALPNet's 2D superpixels);
+    a missing folder stops with the command that writes it."""
+    import shutil
+
+    from fsmis.data.datasets import open_dataset
+    from fsmis.data.nifti import DataError
+
+    data = tmp_path / "ct"
+    shutil.copytree(tiny, data)
+    sv = open_dataset(data).supervoxel_dir
+    shutil.copytree(sv, data / "superpixels_400")
+    assert open_dataset(data, pseudolabels="superpixels_400").supervoxel_dir == data / "superpixels_400"
+    with pytest.raises(DataError, match="--mode 2d"):
+        open_dataset(data, pseudolabels="superpixels_99")
+    cfg = _cfg("alpnet", data, "data.pseudolabels=superpixels_400")
+    method = method_class("alpnet")(cfg, "cpu")
+    method.setup_data()
+    assert method.dataset.supervoxel_dir == data / "superpixels_400"

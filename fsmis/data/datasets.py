@@ -74,7 +74,9 @@ class Case:
 class FSMISDataset:
     """One benchmark or dataset folder. Cases load lazily and are cached."""
 
-    def __init__(self, root: str | Path, cache: bool = True):
+    def __init__(self, root: str | Path, cache: bool = True, pseudolabels: str | None = None):
+        """``pseudolabels``: the name of the pseudo-label folder to train on (e.g. ``superpixels_400``,
+        SSL-ALPNet's 2D superpixels); default: the dataset's supervoxels."""
         root = Path(root)
         if not root.exists():
             raise DataError(f"{root}: dataset folder not found")
@@ -83,6 +85,14 @@ class FSMISDataset:
         self._cases: dict[str, Case] = {}
         self._slices: dict[str, dict[int, np.ndarray]] = {}
         self._resolve(root)
+        if pseudolabels:
+            found = [b / pseudolabels for b in (self.image_dir, self.image_dir.parent) if (b / pseudolabels).is_dir()]
+            if not found:
+                mode = "--mode 2d " if str(pseudolabels).startswith("superpixels") else ""
+                raise DataError(f"{self.image_dir}: no pseudo-label folder {pseudolabels!r} beside or inside it; run "
+                                f"tools/make_supervoxels.py --data {self.input_root} {mode}(the folder it writes is "
+                                "named after the mode and --min-size)")
+            self.supervoxel_dir = found[0]
         self.case_ids = self._find_cases()
         if not self.case_ids:
             raise DataError(f"{self.image_dir}: no image_<id>.nii.gz files")
@@ -314,5 +324,5 @@ class FSMISDataset:
         return rows
 
 
-def open_dataset(root: str | Path, cache: bool = True) -> FSMISDataset:
-    return FSMISDataset(root, cache=cache)
+def open_dataset(root: str | Path, cache: bool = True, pseudolabels: str | None = None) -> FSMISDataset:
+    return FSMISDataset(root, cache=cache, pseudolabels=pseudolabels)

@@ -58,7 +58,7 @@ class EpisodicMethod(Method):
         cfg = self.cfg
         if cfg.data.root is None:
             raise ValueError("data.root is not set (give data.root=DIR on the command line)")
-        self.dataset = open_dataset(cfg.data.root)
+        self.dataset = open_dataset(cfg.data.root, pseudolabels=getattr(cfg.data, "pseudolabels", None))
         self.fold, self.train_cases, self.val_cases = fold_split(cfg, self.dataset)
         self.sampler = make_sampler(cfg, self.dataset, self.train_cases, self.normalization)
         self.genaug = None
