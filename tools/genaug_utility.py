@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""The utility table of the generative branch: each use of synthetic data against the same model
+without it, over the same training seeds, from `tools/seeds.py` outputs.
+
+  python tools/genaug_utility.py --base runs/util_base \\
+      --arm "synthetic episodes, no filter=runs/util_genaug_nof" \\
+      --arm "synthetic episodes, default filters=runs/util_genaug_f" --out docs/measurements/genaug_utility
+
+--base: a seeds.py folder (or its seeds.json) of the model without synthetic data, scored with
+--synthetic-support M and --mask-support (its test-time variants become rows); each --arm: a
+seeds.py folder trained with synthetic episodes (same config, seeds and step count; the overrides
+recorded in its seeds.json must differ from the base's only in genaug.* keys, else it is refused).
+Per seed: in-domain / cross-domain mean Dice; per row: median and range over the seeds, and on how
+many seeds the row beats the base model (paired by seed). Only seeds present in every input are
+used, and the table says which.
+
+Writes OUT/utility.md, OUT/utility.json and OUT/utility.png (medians with ranges).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _load(path: str) -> tuple[Path, dict]:
+    p = Path(path)
+    p = p / "seeds.json" if p.is_dir() else p
+    if not p.is_file():
+        raise ValueError(f"{p}: no seeds.json (a tools/seeds.py output folder)")
+    return p, json.loads(p.read_text(encoding="utf-8"))
+
+
+def _non_genaug(overrides) -> list[str]:
+    return sorted(o for o in overrides or [] if not str(o).startswith("genaug."))
+
+
+def build(base: dict, arms: dict[str, dict]) -> dict:
+    """{"seeds": [...], "rows": [{"name", "in": {seed: v}, "cross": {seed: v}}], "support_copy": {...}}."""
+    seeds = set(base["seeds"])
+    for a in arms.values():
+        seeds &= set(a["seeds"])
+    seeds = sorted(seeds, key=int)
+    if not seeds:
+        raise ValueError("no training seed is present in every input")
+
+    def take(src, key=None, variant=None):
+        out = {"in": {}, "cross": {}}
+        for s in seeds:
+            r = src["seeds"][s] if variant is None else src["seeds"][s].get("variants", {}).get(variant)
+            if r is None:
+                return None
+            for split, short in (("in_domain", "in"), ("cross_domain", "cross")):
+                if split in r:
+                    out[short][s] = 100 * r[split]["mean"]
+        return out
+
+    rows = [{"name": "SD-FSMIS", **take(base)}]
+    for name, arm in arms.items():
+        rows.append({"name": f"SD-FSMIS + {name}", **take(arm)})
+    v = take(base, variant="synthetic_support")
+    if v is not None:
+        m = base.get("test_time", {}).get("synthetic_support")
+        rows.append({"name": f"SD-FSMIS + synthetic support (M = {m})", **v})
+    v = take(base, variant="mask_support")
+    if v is not None:
+        rows.append({"name": "SD-FSMIS, supports generated from CT masks (no MR annotation)", **v})
+    sc = base["support_copy"]
+    return {"seeds": seeds, "rows": rows,
+            "support_copy": {"in": 100 * sc["in_domain"]["mean"], "cross": 100 * sc["cross_domain"]["mean"],
+                             "cross_from_ct_masks": (100 * sc["variants"]["mask_support"]["cross_domain"]["mean"]
+                                                     if "mask_support" in sc.get("variants", {}) else None)}}
+
+
+def _stats(vals: dict):
+    import numpy as np
+
+    if not vals:
+        return None
+    v = sorted(vals.values())
+    return {"median": float(np.median(v)), "min": v[0], "max": v[-1]}
+
+
+def markdown(table: dict) -> str:
+    seeds, rows = table["seeds"], table["rows"]
+    base = rows[0]
+    lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | in-domain median (range) | cross-domain median (range) | beats SD-FSMIS (in / cross) |",
+             "|---|" + "---|" * (len(seeds) + 3)]
+
+    def rng(st):
+        return "–" if st is None else f"{st['median']:.2f} ({st['min']:.2f}-{st['max']:.2f})"
+
+    for r in rows:
+        cells = [(f"{r['in'][s]:.2f}" if s in r["in"] else "–") + " / " + (f"{r['cross'][s]:.2f}" if s in r["cross"] else "–")
+                 for s in seeds]
+        if r is base:
+            wins = ""
+        else:
+            wi = sum(r["in"][s] > base["in"][s] for s in seeds if s in r["in"])
+            wc = sum(r["cross"][s] > base["cross"][s] for s in seeds if s in r["cross"])
+            wins = (f"{wi} of {len(seeds)}" if r["in"] else "–") + " / " + (f"{wc} of {len(seeds)}" if r["cross"] else "–")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {rng(_stats(r['in']))} | {rng(_stats(r['cross']))} | {wins} |")
+    sc = table["support_copy"]
+    lines.append(f"| support-copy | {sc['in']:.2f} / {sc['cross']:.2f}" + " |" * len(seeds) + " | |")
+    if sc.get("cross_from_ct_masks") is not None:
+        lines.append(f"| support-copy of the CT masks | – / {sc['cross_from_ct_masks']:.2f}" + " |" * len(seeds) + " | |")
+    lines += ["", f"Per seed: in-domain (phantom CT fold 0) / cross-domain (CT -> MR, 5 folds) mean Dice (%), canonical "
+                  f"protocol, EP1, per-volume 3D Dice; training seeds {', '.join(seeds)}; a row beats SD-FSMIS on a "
+                  "seed when its Dice is higher than the plain model's of the same seed."]
+    return "\n".join(lines)
+
+
+def bar_chart(table: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from fsmis.atomic import atomic_target
+
+    rows = table["rows"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
+    for k, (key, label) in enumerate((("in", "in-domain"), ("cross", "cross-domain"))):
+        st = [_stats(r[key]) for r in rows]
+        med = [s["median"] if s else np.nan for s in st]
+        err = np.array([[s["median"] - s["min"], s["max"] - s["median"]] if s else [0, 0] for s in st]).T
+        ax.bar(x + (k - 0.5) * 0.38, med, 0.38, yerr=err, capsize=3, label=f"{label} (median, range)")
+        ax.axhline(table["support_copy"][key], ls="--", lw=0.8, color=f"C{k}")
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["name"].replace("SD-FSMIS", "SD").replace(", ", ",\n") for r in rows], fontsize=7)
+    ax.set_ylabel("mean Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title(f"synthetic data on the demo SD-FSMIS, seeds {', '.join(table['seeds'])} (dashed: support-copy)",
+                 fontsize=9)
+    fig.tight_layout()
+    try:
+        with atomic_target(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="seeds.py folder of the model without synthetic data")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=DIR",
+                   help="a seeds.py folder trained with synthetic episodes (repeatable)")
+    p.add_argument("--out", required=True, help="output folder")
+    args = p.parse_args(argv)
+
+    from fsmis.atomic import atomic_write_json, atomic_write_text
+
+    try:
+        base_path, base = _load(args.base)
+        arms = {}
+        for spec in args.arm:
+            if "=" not in spec:
+                raise ValueError(f"--arm {spec!r}: expected NAME=DIR")
+            name, path = spec.split("=", 1)
+            arm_path, arm = _load(path)
+            if _non_genaug(arm.get("overrides")) != _non_genaug(base.get("overrides")) or arm.get("init") != base.get("init"):
+                raise ValueError(f"{arm_path}: trained with other settings than {base_path} (overrides "
+                                 f"{arm.get('overrides')} vs {base.get('overrides')}, init {arm.get('init')} vs "
+                                 f"{base.get('init')}): only genaug.* keys may differ")
+            arms[name] = arm
+        table = build(base, arms)
+    except (ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    png = bar_chart(table, out / "utility.png")
+    md = markdown(table)
+    atomic_write_text(out / "utility.md", f"# Utility of synthetic data (demo SD-FSMIS)\n\n{md}\n\n![utility]({png.name})\n")
+    atomic_write_json(out / "utility.json", {**table, "base": str(base_path), "arms": {n: a.get("overrides") for n, a in arms.items()}})
+    print(md)
+    print(f"wrote {out / 'utility.md'}, {out / 'utility.json'} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    from fsmis.cli import run_tool
+
+    sys.exit(run_tool(main))
