@@ -45,3 +45,21 @@ def test_demo_baselines_end_to_end_and_reuse(tmp_path):
     r = subprocess.run(_cmd(tmp_path, "--methods", "adnet", overrides=["train.lr=0.5"]), capture_output=True, text=True,
                        cwd=ROOT, env=env, timeout=1200)
     assert r.returncode == 2 and "train.lr" in r.stderr
+
+
+def test_demo_baselines_on_one_dataset(tmp_path):
+    """--dataset: one dataset (here a phantom CT folder), fold 0 in-domain only, no cross-domain split."""
+    from fsmis.data.phantom import make_phantom_dataset
+
+    data = tmp_path / "one"
+    make_phantom_dataset(data, modality="ct", n_cases=5, seed=3, shape=(10, 48, 48), supervoxels=True, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "tools" / "demo_baselines.py"), "data.image_size=32", "data.min_fg_pixels=10",
+           "--dataset", str(data), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--budget", "0.01",
+           "--probe-steps", "2", "--min-steps", "2", "--quiet", "--methods", "adnet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(res["adnet"]) == {"in_domain"} and set(res["support-copy"]) == {"in_domain"}
+    assert not (tmp_path / "out" / "cross_domain").exists()
+    assert "phantom_ct, fold 0" in (tmp_path / "out" / "report.md").read_text()

@@ -18,6 +18,13 @@ phantom, each trained at the wall-clock budget of the demo SD-FSMIS, in the repo
 
   python tools/demo_baselines.py --out results/demo-baselines
   python tools/demo_baselines.py --methods adnet alpnet --budget 300 --out results/bl_quick
+
+--dataset DIR replaces the phantom by one dataset (e.g. the published Card-MRI folder): the
+baselines train on its fold 0 and are evaluated on fold 0 only (no cross-domain split); the
+SD-FSMIS row and the budget come from --sd-run (default WORK/run, e.g. make demo-cmr's
+checkpoints/demo-cmr/run):
+
+  python tools/demo_baselines.py --dataset ../data/cmr --work checkpoints/demo-cmr --out results/baselines-cmr
 """
 from __future__ import annotations
 
@@ -87,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/demo-baselines", help="report folder")
     p.add_argument("--work", default="checkpoints/demo", help="make demo's cache (WORK/run is SD-FSMIS; the "
                                                              "baselines train into WORK/baselines/<method>)")
+    p.add_argument("--dataset", default=None, help="one dataset instead of the phantom: fold 0 in-domain only")
+    p.add_argument("--sd-run", default=None, help="the SD-FSMIS run of the comparison and the budget (default WORK/run)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--cases", type=positive_int, default=10, help="phantom cases per modality")
     p.add_argument("--shape", type=D._shape, default=None, metavar="Z,Y,X", help="phantom volume shape")
@@ -109,14 +118,19 @@ def main(argv=None) -> int:
     from fsmis.evaluation.results import atomic_write_json, atomic_write_text, write_results
     from fsmis.methods.base import build_predictor
 
-    out, data, work = Path(args.out), Path(args.data), Path(args.work)
+    out, work = Path(args.out), Path(args.work)
+    data = Path(args.dataset or args.data)
     D.refuse_inside(data, **{"--out": out, "--work": work})
     t0 = time.time()
     timings = {}
-    ct_dir = D.ensure_phantom(data / "ct", "ct", args.cases, 0, shape=args.shape)
-    mr_dir = D.ensure_phantom(data / "mr", "mr", args.cases, 1000, supervoxels=False, shape=args.shape)
+    if args.dataset:
+        ct_dir, mr_dir = data, None  # the one dataset: in-domain fold 0 only
+        open_dataset(ct_dir)  # a clear error now rather than after the calibration
+    else:
+        ct_dir = D.ensure_phantom(data / "ct", "ct", args.cases, 0, shape=args.shape)
+        mr_dir = D.ensure_phantom(data / "mr", "mr", args.cases, 1000, supervoxels=False, shape=args.shape)
 
-    sd_run = work / "run"
+    sd_run = Path(args.sd_run) if args.sd_run else work / "run"
     sd_summary = _finished(sd_run)
     budget = args.budget or (float(sd_summary["seconds"]) if sd_summary else DEFAULT_BUDGET_S)
     budget_src = ("--budget" if args.budget else f"the training time of {sd_run}" if sd_summary
@@ -169,13 +183,15 @@ def main(argv=None) -> int:
 
     # 5. evaluation
     t1 = time.time()
-    ct, mr = open_dataset(ct_dir), open_dataset(mr_dir)
+    ct = open_dataset(ct_dir)
     predictors = {m: build_predictor(None, checkpoint=str(runs[m]), device="cpu") for m in args.methods}
     if sd_summary is not None:
         cfg = load_config(sd_run / "config.yaml")
         predictors = {"sdfsmis": D.trained_predictor(sd_run, cfg), **predictors}
     predictors["support-copy"] = build_predictor("support-copy")
-    splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[0])), "cross_domain": (mr, ProtocolConfig())}
+    splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[0]))}
+    if mr_dir is not None:
+        splits["cross_domain"] = (open_dataset(mr_dir), ProtocolConfig())
     results = {}
     for name, pred in predictors.items():
         results[name] = {}
@@ -188,10 +204,11 @@ def main(argv=None) -> int:
 
     # 6. report
     sections = []
-    titles = {"in_domain": "in-domain (phantom CT, fold 0)", "cross_domain": "cross-domain CT -> MR (phantom MR, 5 folds)"}
+    titles = ({"in_domain": f"{ct.name}, fold 0"} if args.dataset else
+              {"in_domain": "in-domain (phantom CT, fold 0)", "cross_domain": "cross-domain CT -> MR (phantom MR, 5 folds)"})
     for split, title in titles.items():
         rep = build_report([out / n / split for n in results], labels=list(results))
-        write_report(rep, out / split, f"Baselines on the phantom, {title}")
+        write_report(rep, out / split, f"Baselines, {title}")
         sections += [f"## {title}", "", markdown(rep), "", f"![{split}]({split}/report.png)", ""]
     trained = ", ".join(f"{m} {steps[m]} steps" + (f" ({probes[m]:.3f} s/step)" if m in probes else "")
                         for m in args.methods)
@@ -199,8 +216,8 @@ def main(argv=None) -> int:
         "# Baselines demo report", "",
         f"Each baseline trained from random weights for the wall-clock budget of the demo SD-FSMIS ({budget:.0f} s, "
         f"{budget_src}), {args.parallel} at a time with {args.threads} thread(s) each: {trained}. Configs: "
-        "configs/<method>_demo.yaml (the small backbone). SD-FSMIS: make demo's run"
-        + ("" if sd_summary else " (not found: run make demo first to include it)") + ". One training seed.", "",
+        "configs/<method>_demo.yaml (the small backbone). SD-FSMIS: " + (f"the run {sd_run}" if sd_summary else
+        f"not found at {sd_run} (run make demo first to include it)") + ". One training seed.", "",
         *sections, f"Timings (s): {json.dumps(timings)}", ""])
     atomic_write_json(out / "results.json", {**results, "baselines": {
         "budget_s": budget, "budget_source": budget_src, "steps": steps, "seconds_per_step": probes,
