@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,16 @@ def run(args, env=None, **kw):
                           env=tool_env(env), **kw)
 
 
+def _default_sigint():
+    # a shell without job control starts background commands with SIGINT ignored, and children
+    # inherit that: the tool under test must see Ctrl-C as a user would
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen(args, env=None, **kw):
     return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=tool_env(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint, **kw)
 
 
 def clean_error(proc, *names, code=2):

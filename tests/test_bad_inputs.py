@@ -63,7 +63,7 @@ def test_predict_range_checks(data, tmp_path, extra, key):
     ("train.max_steps=-5", "train.max_steps"), ("train.grad_accum=0", "train.grad_accum"),
     ("train.ckpt_every=0", "train.ckpt_every"), ("data.image_size=0", "data.image_size"),
     ("eval.chunk_batch=0", "eval.chunk_batch"), ("data.setting=3", "data.setting"),
-    ("train.schedule=step", "train.schedule"),
+    ("train.schedule=poly", "train.schedule"),
 ])
 def test_config_values_out_of_range_are_refused(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
