@@ -239,6 +239,25 @@ def training_protocol(run, ds, args) -> dict:
     record.update({"setting": data.setting, "exclusion": data.exclusion, "labels": data.labels,
                    "folds_protocol": data.protocol, "supp_idx": data.supp_idx, "fold": data.fold,
                    "train_data": str(data.root), "same_dataset": same_data})
+    if data.labels == "label":
+        # GT-label training: the test classes the episodes used as labels (data.test_group keeps the
+        # others in the pool); by default only the held-out ones are scored, and a score on a class
+        # trained on is recorded as a leak
+        from fsmis.data.episodes import label_pool
+
+        group = getattr(data, "test_group", None)
+        ids = getattr(data, "test_group_ids", "names")
+        pool = set(label_pool(ds.name, ds.classes, ds.test_classes, group, ids))
+        trained = [c for c in ds.test_classes if ds.classes[c] in pool]
+        if args.classes is None and trained:
+            args.classes = [c for c in ds.test_classes if c not in trained]
+        scored = args.classes or list(ds.test_classes)
+        leak = [c for c in scored if c in trained]
+        record.update({"test_group": group, "test_group_ids": ids, "trained_on_test_classes": trained, "leak": leak})
+        if leak:
+            print(f"warning: the model trained on {', '.join(leak)} as episode labels (data.labels=label, "
+                  f"test_group {group}); scoring them leaks (recorded as training.leak in results.json)",
+                  file=sys.stderr)
     return record
 
 

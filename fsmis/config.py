@@ -23,7 +23,9 @@ class DataConfig:
     supp_idx: int = 2
     setting: int = 1  # 1 | 2
     exclusion: str = "any"  # any | all (Setting 2)
-    labels: str = "supervoxel"  # supervoxel (self-supervised) | label (GT organs, test group removed)
+    labels: str = "supervoxel"  # supervoxel (self-supervised) | label (GT organs: the test classes, or data.test_group, removed)
+    test_group: int | None = None  # labels=label: remove only this held-out group (1: liver + spleen / LV-MYO; 2: kidneys / LV-BP + RV)
+    test_group_ids: str = "names"  # names (the group's classes) | released (the released loader's stored ids: no effect on Card-MRI)
     n_val: int = 1  # training cases held out for checkpoint selection
     min_fg_pixels: int = 200
     image_size: int = 256
@@ -249,6 +251,8 @@ _RANGES = {  # key: (test, what it must be)
     "data.setting": (lambda v: v in (1, 2), "1 or 2"), "data.exclusion": (lambda v: v in ("any", "all"), "any or all"),
     "data.protocol": (lambda v: v in ("canonical", "legacy"), "canonical or legacy"),
     "data.labels": (lambda v: v in ("supervoxel", "label"), "supervoxel or label"),
+    "data.test_group": (lambda v: v in (1, 2), "1 or 2 (null: remove every test class)"),
+    "data.test_group_ids": (lambda v: v in ("names", "released"), "names or released"),
     "data.shift_px": (lambda v: v >= 0, ">= 0"),
     "data.sampler": (lambda v: v in ("consecutive", "same_slice"), "consecutive or same_slice"),
     "data.n_shot": (lambda v: v >= 1, ">= 1"), "data.crop": (lambda v: v >= 1, ">= 1"),

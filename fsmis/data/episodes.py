@@ -150,11 +150,54 @@ def _as_rng(rng) -> np.random.Generator:
     return np.random.default_rng(rng)
 
 
+# Held-out class groups of GT-label training (data.test_group): by class name (this project's
+# definition, the same on every dataset) or as the released SD-FSMIS loader removes them, by stored
+# label id ({1, 4} / {2, 3}; {1, 6} on SABS): on Card-MRI, whose stored ids are 200 / 500 / 600, the
+# released ids match nothing and every class trains (docs/protocol.md, the released behaviours).
+TEST_GROUPS = {
+    "abdomen": {1: ("liver", "spleen"), 2: ("left_kidney", "right_kidney")},
+    "cardiac": {1: ("LV-MYO",), 2: ("LV-BP", "RV")},
+}
+RELEASED_GROUP_IDS = {1: (1, 4), 2: (2, 3)}
+RELEASED_GROUP_IDS_SABS = {1: (1, 6), 2: (2, 3)}
+GROUP_ID_MODES = ("names", "released")
+
+
+def test_group_classes(classes: dict, group: int) -> list[str]:
+    """The class names of held-out group ``group`` (1 or 2) among ``classes`` (name -> id)."""
+    if group not in (1, 2):
+        raise ValueError(f"test_group must be 1 or 2, got {group!r}")
+    for kind, groups in TEST_GROUPS.items():
+        if all(n in classes for n in groups[group]):
+            return list(groups[group])
+    raise ValueError(f"test_group {group}: the classes {sorted(classes)} hold neither the abdominal group "
+                     f"{TEST_GROUPS['abdomen'][group]} nor the cardiac one {TEST_GROUPS['cardiac'][group]}")
+
+
+def label_pool(dataset_name: str, classes: dict, test_classes, test_group: int | None = None,
+               group_ids: str = "names") -> list[int]:
+    """Label ids that GT-label episodes may use. Without ``test_group``: every class but the test
+    classes. With it: every class but that group's, by name (``group_ids="names"``) or by the released
+    loader's stored ids (``"released"``)."""
+    if group_ids not in GROUP_ID_MODES:
+        raise ValueError(f"test_group_ids must be one of {GROUP_ID_MODES}, got {group_ids!r}")
+    if test_group is None:
+        removed = {classes[n] for n in test_classes}
+    elif group_ids == "names":
+        removed = {classes[n] for n in test_group_classes(classes, test_group)}
+    else:
+        table = RELEASED_GROUP_IDS_SABS if str(dataset_name).upper() == "SABS" else RELEASED_GROUP_IDS
+        if test_group not in table:
+            raise ValueError(f"test_group must be 1 or 2, got {test_group!r}")
+        removed = set(table[test_group])
+    return sorted(v for v in classes.values() if v not in removed)
+
+
 class _SamplerBase:
     """Case loading, Setting-2 exclusion and per-volume normalisation shared by both samplers."""
 
     def __init__(self, dataset, case_ids, n_shot, setting, exclusion, test_classes, labels,
-                 min_fg_pixels, augment, normalization, seed):
+                 min_fg_pixels, augment, normalization, seed, test_group=None, test_group_ids="names"):
         if setting not in (1, 2):
             raise ValueError(f"setting must be 1 or 2, got {setting!r}")
         if exclusion not in ("any", "all"):
@@ -179,6 +222,8 @@ class _SamplerBase:
         self.exclusion = exclusion
         self.test_classes = _class_names(dataset, dataset.test_classes if test_classes is None else test_classes)
         self.labels = labels
+        self.test_group = None if test_group is None else int(test_group)
+        self.test_group_ids = test_group_ids
         self.min_fg_pixels = int(min_fg_pixels)
         self.augment = augment
         self.normalization = normalization
@@ -187,6 +232,13 @@ class _SamplerBase:
         self._maps: dict[str, np.ndarray] = {}
         self._global = None
         self._rng = np.random.default_rng(seed)
+        if labels == "label":
+            pool = self.label_pool()
+            if not pool:
+                raise EpisodeError(
+                    f"{dataset.name}: no class left for GT-label episodes: every class ({', '.join(dataset.classes)}) is "
+                    + ("in the held-out group" if self.test_group else "a test class")
+                    + "; set data.test_group=1 or 2 (remove one group only, as the released loader does)")
 
     # -- per case ---------------------------------------------------------------------------
     def image(self, cid: str) -> np.ndarray:
@@ -221,9 +273,9 @@ class _SamplerBase:
         return ok
 
     def label_pool(self) -> list[int]:
-        """Organ ids that GT-label episodes may use: every class but the test classes."""
-        test_ids = {self.dataset.class_id(n) for n in self.test_classes}
-        return sorted(v for v in self.dataset.classes.values() if v not in test_ids)
+        """Organ ids that GT-label episodes may use (:func:`label_pool`)."""
+        return label_pool(self.dataset.name, self.dataset.classes, self.test_classes, self.test_group,
+                          self.test_group_ids)
 
     def _augment(self, image: np.ndarray, mask: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
         image, (mask,) = self.augment(image, [mask], rng)
@@ -250,6 +302,7 @@ class _SamplerBase:
             "sampler": type(self).__name__, "n_shot": self.n_shot, "setting": self.setting,
             "exclusion": self.exclusion if self.setting == 2 else None,
             "test_classes": list(self.test_classes), "labels": self.labels,
+            **({"test_group": self.test_group, "test_group_ids": self.test_group_ids} if self.test_group else {}),
             "min_fg_pixels": self.min_fg_pixels, "normalization": self.normalization,
             "augment": repr(self.augment) if self.augment is not None else None,
             "cases": list(self.case_ids), "seed": self.seed,
@@ -293,7 +346,8 @@ class ConsecutiveSliceSampler(_SamplerBase):
     def __init__(self, dataset, case_ids, n_shot: int = 1, setting: int = 1, exclusion: str = "any",
                  test_classes=None, labels: str = "supervoxel", min_fg_pixels: int = 200,
                  augment: Transform | str | None = "default", augment_target: str = "random",
-                 normalization: str = "zscore", seed: int | None = 0, max_retries: int = 100):
+                 normalization: str = "zscore", seed: int | None = 0, max_retries: int = 100,
+                 test_group: int | None = None, test_group_ids: str = "names"):
         if isinstance(augment, str):
             if augment != "default":
                 raise ValueError(f"augment must be a transform, 'default' or None, got {augment!r}")
@@ -301,7 +355,7 @@ class ConsecutiveSliceSampler(_SamplerBase):
         if augment_target not in ("support", "query", "random"):
             raise ValueError(f"augment_target must be 'support', 'query' or 'random', got {augment_target!r}")
         super().__init__(dataset, case_ids, n_shot, setting, exclusion, test_classes, labels,
-                         min_fg_pixels, augment, normalization, seed)
+                         min_fg_pixels, augment, normalization, seed, test_group, test_group_ids)
         self.augment_target = augment_target
         self.max_retries = int(max_retries)
         self._tables: dict[str, _RunTable] | None = None
@@ -328,7 +382,9 @@ class ConsecutiveSliceSampler(_SamplerBase):
         tables = {cid: self._build_table(cid) for cid in self.case_ids}
         self._usable = [cid for cid in self.case_ids if tables[cid].n_valid > 0]
         if not self._usable:
-            what = "supervoxels" if self.labels == "supervoxel" else f"organ labels {self.label_pool()} (test classes {self.test_classes} removed)"
+            what = "supervoxels" if self.labels == "supervoxel" else (
+                f"organ labels {self.label_pool()} (" + (f"held-out group {self.test_group} removed)" if self.test_group
+                                                         else f"test classes {self.test_classes} removed)"))
             n_runs = sum(int(t.run_ok.sum()) for t in tables.values())
             setting = f"Setting 2 ('{self.exclusion}' exclusion of {self.test_classes})" if self.setting == 2 else "Setting 1"
             raise EpisodeError(
