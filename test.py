@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--setting", type=int, choices=[1, 2], default=None,
                    help="training setting of the evaluated model (recorded; a run's own is used and a "
                         "different value refused; default 1)")
-    g.add_argument("--exclusion", choices=["any", "all"], default=None,
+    g.add_argument("--exclusion", choices=["any", "all", "released"], default=None,
                    help="Setting-2 exclusion used in training (recorded; as --setting; default any)")
     g.add_argument("--chunking", choices=["ep1", "alpnet"], default="ep1",
                    help="ep1: chunks of the class slices (default); alpnet: equal-extent chunks over z_min..z_max")

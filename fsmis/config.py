@@ -22,7 +22,8 @@ class DataConfig:
     protocol: str = "canonical"  # canonical | legacy
     supp_idx: int = 2
     setting: int = 1  # 1 | 2
-    exclusion: str = "any"  # any | all (Setting 2)
+    exclusion: str = "any"  # any | all | released (Setting 2; released: all on the abdomen, none on Card-MRI)
+    size_rule: str = "every"  # every: each slice of an episode >= min_fg_pixels | max: the larger of support and query (released)
     labels: str = "supervoxel"  # supervoxel (self-supervised) | label (GT organs: the test classes, or data.test_group, removed)
     test_group: int | None = None  # labels=label: remove only this held-out group (1: liver + spleen / LV-MYO; 2: kidneys / LV-BP + RV)
     test_group_ids: str = "names"  # names (the group's classes) | released (the released loader's stored ids: no effect on Card-MRI)
@@ -248,7 +249,8 @@ _RANGES = {  # key: (test, what it must be)
     "eval.chunk_batch": (lambda v: v >= 1, ">= 1"), "eval.support": (lambda v: v in ("1shot", "3shot"), "1shot or 3shot"),
     "data.image_size": (lambda v: v >= 8, ">= 8"), "data.n_val": (lambda v: v >= 0, ">= 0"),
     "data.min_fg_pixels": (lambda v: v >= 0, ">= 0"), "data.fold": (lambda v: v >= 0, ">= 0"),
-    "data.setting": (lambda v: v in (1, 2), "1 or 2"), "data.exclusion": (lambda v: v in ("any", "all"), "any or all"),
+    "data.setting": (lambda v: v in (1, 2), "1 or 2"), "data.exclusion": (lambda v: v in ("any", "all", "released"), "any, all or released"),
+    "data.size_rule": (lambda v: v in ("every", "max"), "every or max"),
     "data.protocol": (lambda v: v in ("canonical", "legacy"), "canonical or legacy"),
     "data.labels": (lambda v: v in ("supervoxel", "label"), "supervoxel or label"),
     "data.test_group": (lambda v: v in (1, 2), "1 or 2 (null: remove every test class)"),

@@ -89,3 +89,52 @@ def test_test_py_scores_the_held_out_group_and_records_a_leak(tiny, tmp_path):
     assert "leaks" in r.stderr
     res = json.loads((tmp_path / "all" / "results.json").read_text())
     assert set(res["training"]["leak"]) == {"left_kidney", "right_kidney"}
+
+
+def _crafted(root: Path, classes: dict, per_slice: list[int], test_labels=()):
+    """One case: slice z holds ``per_slice[z]`` pixels of the first class (a block in the corner)."""
+    import nibabel as nib
+    import numpy as np
+
+    root.mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"name": "crafted", "labels": classes, "test_labels": list(test_labels)}))
+    z = len(per_slice)
+    lab = np.zeros((32, 32, z), np.int16)  # stored x, y, z
+    first = next(iter(classes.values()))
+    for k, n in enumerate(per_slice):
+        flat = lab[:, :, k].reshape(-1)
+        flat[:n] = first
+        lab[:, :, k] = flat.reshape(32, 32)
+    img = np.random.default_rng(0).normal(size=(32, 32, z)).astype(np.float32)
+    nib.save(nib.Nifti1Image(img, np.eye(4)), root / "image_1.nii.gz")
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), root / "label_1.nii.gz")
+    return root
+
+
+def test_size_rule_every_slice_or_the_larger_of_support_and_query(tmp_path):
+    from fsmis.data.datasets import open_dataset
+
+    ds = open_dataset(_crafted(tmp_path / "d", {"organ": 1, "other": 2}, [150, 250, 150, 199]))
+    s = ConsecutiveSliceSampler(ds, ["1"], labels="label", augment=None, min_fg_pixels=200, size_rule="max")
+    t = s._build_table("1")
+    col = list(t.ids).index(1)
+    assert t.run_valid[:, col].tolist() == [True, True, False]  # max(150, 250), max(250, 150), max(150, 199)
+    every = ConsecutiveSliceSampler(ds, ["1"], labels="label", augment=None, min_fg_pixels=200)
+    assert every._build_table("1").run_valid[:, col].tolist() == [False, False, False]
+    with pytest.raises(EpisodeError, match="in every slice"):
+        every.sample(0)
+    ep = s.sample(0)
+    assert {int(ep.support_masks.sum()), int(ep.query_masks.sum())} & {250}
+
+
+def test_released_exclusion_is_all_on_the_abdomen_and_none_on_card_mri(tiny, tmp_path):
+    from fsmis.data.datasets import open_dataset
+    from fsmis.data.episodes import excluded_slices
+
+    ds = open_dataset(tiny)
+    for cid in ds.case_ids[:3]:
+        assert excluded_slices(ds, cid, mode="released") == excluded_slices(ds, cid, mode="all")
+    cmr = open_dataset(_crafted(tmp_path / "cmr", {"LV-MYO": 200, "LV-BP": 500, "RV": 600}, [300, 300, 300],
+                                test_labels=["LV-MYO", "LV-BP", "RV"]))
+    assert excluded_slices(cmr, "1", mode="released") == set()
+    assert excluded_slices(cmr, "1", mode="any") == {0, 1, 2}

@@ -93,10 +93,16 @@ def excluded_slices(dataset, case_id: str, test_classes=None, mode: str = "any")
 
     ``mode="any"``: every slice containing at least one test class (SSL-ALPNet, default).
     ``mode="all"``: only slices containing every test class at once (ADNet-family legacy).
+    ``mode="released"``: the released SD-FSMIS loader: "all" on the abdomen, nothing on Card-MRI
+    (its exclusion list there is empty).
     No test classes: nothing is removed.
     """
-    if mode not in ("any", "all"):
-        raise ValueError(f"unknown Setting-2 exclusion mode {mode!r} (any | all)")
+    if mode not in EXCLUSION_MODES:
+        raise ValueError(f"unknown Setting-2 exclusion mode {mode!r} ({' | '.join(EXCLUSION_MODES)})")
+    if mode == "released":
+        if all(n in dataset.classes for n in TEST_GROUPS["cardiac"][1] + TEST_GROUPS["cardiac"][2]):
+            return set()
+        mode = "all"
     names = _class_names(dataset, dataset.test_classes if test_classes is None else test_classes)
     if not names:
         return set()
@@ -161,6 +167,11 @@ TEST_GROUPS = {
 RELEASED_GROUP_IDS = {1: (1, 4), 2: (2, 3)}
 RELEASED_GROUP_IDS_SABS = {1: (1, 6), 2: (2, 3)}
 GROUP_ID_MODES = ("names", "released")
+EXCLUSION_MODES = ("any", "all", "released")
+# the foreground-size rule of a consecutive-slice episode: every slice of the run has >= min_fg_pixels
+# of the class (default), or, as the released SD-FSMIS loader, the larger of its first two slices
+# (support and query for 1-shot), counted on the stored label before any resize
+SIZE_RULES = ("every", "max")
 
 
 def test_group_classes(classes: dict, group: int) -> list[str]:
@@ -197,11 +208,14 @@ class _SamplerBase:
     """Case loading, Setting-2 exclusion and per-volume normalisation shared by both samplers."""
 
     def __init__(self, dataset, case_ids, n_shot, setting, exclusion, test_classes, labels,
-                 min_fg_pixels, augment, normalization, seed, test_group=None, test_group_ids="names"):
+                 min_fg_pixels, augment, normalization, seed, test_group=None, test_group_ids="names",
+                 size_rule="every"):
         if setting not in (1, 2):
             raise ValueError(f"setting must be 1 or 2, got {setting!r}")
-        if exclusion not in ("any", "all"):
-            raise ValueError(f"unknown Setting-2 exclusion mode {exclusion!r} (any | all)")
+        if exclusion not in EXCLUSION_MODES:
+            raise ValueError(f"unknown Setting-2 exclusion mode {exclusion!r} ({' | '.join(EXCLUSION_MODES)})")
+        if size_rule not in SIZE_RULES:
+            raise ValueError(f"unknown size rule {size_rule!r} ({' | '.join(SIZE_RULES)})")
         if labels not in ("supervoxel", "label"):
             raise ValueError(f"labels must be 'supervoxel' or 'label', got {labels!r}")
         if normalization not in NORM_MODES:
@@ -225,6 +239,7 @@ class _SamplerBase:
         self.test_group = None if test_group is None else int(test_group)
         self.test_group_ids = test_group_ids
         self.min_fg_pixels = int(min_fg_pixels)
+        self.size_rule = size_rule
         self.augment = augment
         self.normalization = normalization
         self.seed = seed
@@ -304,6 +319,7 @@ class _SamplerBase:
             "test_classes": list(self.test_classes), "labels": self.labels,
             **({"test_group": self.test_group, "test_group_ids": self.test_group_ids} if self.test_group else {}),
             "min_fg_pixels": self.min_fg_pixels, "normalization": self.normalization,
+            **({"size_rule": self.size_rule} if self.size_rule != "every" else {}),
             "augment": repr(self.augment) if self.augment is not None else None,
             "cases": list(self.case_ids), "seed": self.seed,
         }
@@ -329,7 +345,9 @@ class ConsecutiveSliceSampler(_SamplerBase):
         case_ids: the training cases (e.g. ``Fold.train``).
         n_shot: support slices per episode.
         setting: 1 (nothing removed) or 2 (slices with test classes removed, see ``exclusion``).
-        exclusion: ``"any"`` (default) or ``"all"`` (legacy), Setting 2 only.
+        exclusion: ``"any"`` (default), ``"all"`` (legacy) or ``"released"``, Setting 2 only.
+        size_rule: ``"every"`` (default: every slice of the run has >= ``min_fg_pixels``) or ``"max"``
+            (the released SD-FSMIS rule: the larger of the first two slices).
         test_classes: class names (or ids); default ``dataset.test_classes``.
         labels: ``"supervoxel"`` (self-supervised, default) or ``"label"`` (ground-truth organs
             minus the test classes: what the released SD-FSMIS loader does).
@@ -347,7 +365,7 @@ class ConsecutiveSliceSampler(_SamplerBase):
                  test_classes=None, labels: str = "supervoxel", min_fg_pixels: int = 200,
                  augment: Transform | str | None = "default", augment_target: str = "random",
                  normalization: str = "zscore", seed: int | None = 0, max_retries: int = 100,
-                 test_group: int | None = None, test_group_ids: str = "names"):
+                 test_group: int | None = None, test_group_ids: str = "names", size_rule: str = "every"):
         if isinstance(augment, str):
             if augment != "default":
                 raise ValueError(f"augment must be a transform, 'default' or None, got {augment!r}")
@@ -355,7 +373,7 @@ class ConsecutiveSliceSampler(_SamplerBase):
         if augment_target not in ("support", "query", "random"):
             raise ValueError(f"augment_target must be 'support', 'query' or 'random', got {augment_target!r}")
         super().__init__(dataset, case_ids, n_shot, setting, exclusion, test_classes, labels,
-                         min_fg_pixels, augment, normalization, seed, test_group, test_group_ids)
+                         min_fg_pixels, augment, normalization, seed, test_group, test_group_ids, size_rule)
         self.augment_target = augment_target
         self.max_retries = int(max_retries)
         self._tables: dict[str, _RunTable] | None = None
@@ -372,7 +390,11 @@ class ConsecutiveSliceSampler(_SamplerBase):
             ids, counts = _per_slice_counts(cmap)
         allowed = self.allowed(cid)[:, None]
         run_ok = _windows_all(allowed & (counts > 0), self.run_length)
-        run_valid = _windows_all(allowed & (counts >= max(self.min_fg_pixels, 1)), self.run_length)
+        big = allowed & (counts >= max(self.min_fg_pixels, 1))
+        if self.size_rule == "max":  # the larger of the run's first two slices is big enough
+            run_valid = run_ok & (big[:len(run_ok)] | big[1:len(run_ok) + 1])
+        else:
+            run_valid = _windows_all(big, self.run_length)
         pool = np.flatnonzero(run_ok.any(axis=0))
         return _RunTable(ids, counts, run_ok, run_valid, pool, int(run_valid.sum()))
 
@@ -389,7 +411,8 @@ class ConsecutiveSliceSampler(_SamplerBase):
             setting = f"Setting 2 ('{self.exclusion}' exclusion of {self.test_classes})" if self.setting == 2 else "Setting 1"
             raise EpisodeError(
                 f"{self.dataset.name}: no episode possible: no run of {self.run_length} consecutive allowed slices "
-                f"in cases {self.case_ids} has a class ({what}) with >= {self.min_fg_pixels} pixels in every slice "
+                f"in cases {self.case_ids} has a class ({what}) with >= {self.min_fg_pixels} pixels "
+                + ("in every slice " if self.size_rule == "every" else "in its support or query slice ") +
                 f"[{setting}; {n_runs} runs contain a class at all]. Lower min_fg_pixels or n_shot, or use more cases."
             )
         self._tables = tables

@@ -54,7 +54,7 @@ class ProtocolConfig:
     def validate(self) -> None:
         choices = {"folds": ("canonical", "legacy"), "chunking": ("ep1", "alpnet"),
                    "support": ("1shot", "3shot"), "dice": ("per_volume", "pooled"),
-                   "exclusion": ("any", "all")}
+                   "exclusion": ("any", "all", "released")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"protocol.{key} = {getattr(self, key)!r}; allowed: {', '.join(allowed)}")

@@ -41,7 +41,8 @@ def make_sampler(cfg, dataset, train_cases, normalization: str = "minmax"):
         dataset, train_cases, n_shot=n_shot, setting=d.setting, exclusion=d.exclusion,
         labels=d.labels, min_fg_pixels=d.min_fg_pixels,
         augment="default" if d.augment else None, normalization=normalization, seed=cfg.train.seed,
-        test_group=getattr(d, "test_group", None), test_group_ids=getattr(d, "test_group_ids", "names"))
+        test_group=getattr(d, "test_group", None), test_group_ids=getattr(d, "test_group_ids", "names"),
+        size_rule=getattr(d, "size_rule", "every"))
 
 
 class EpisodicMethod(Method):
