@@ -65,6 +65,7 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     lr_step_every: int = 1000  # schedule=step: the learning rate is multiplied by lr_gamma every this many steps
     lr_gamma: float = 0.95  # schedule=step (the prototype baselines' MultiStepLR)
+    tf32: bool = False  # CUDA: TF32 matmuls (torch.backends.cuda.matmul.allow_tf32), as the released code sets
 
 
 @dataclass

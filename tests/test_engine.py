@@ -224,3 +224,15 @@ def test_validation_scores_the_ema_weights_and_restores_the_live_ones(tmp_path, 
     for k in live:
         assert torch.equal(seen[k], tr.ema.shadow[k].to(live[k].dtype)), k
         assert torch.equal(tr.method.trained_state()[k], live[k]), k
+
+
+def test_tf32_switch_sets_the_matmul_flag(tmp_path, tiny_data):
+    """train.tf32 decides torch.backends.cuda.matmul.allow_tf32 for the run (released: on)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for value in (True, False):
+            cfg = load_config(_tiny_config(tmp_path, tiny_data), [f"train.tf32={str(value).lower()}"])
+            Trainer(cfg, tmp_path / f"run_{value}", "cpu", progress=False).setup()
+            assert torch.backends.cuda.matmul.allow_tf32 is value
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -136,6 +136,8 @@ class Trainer:
     def setup(self):
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
+        # TF32 matmuls on CUDA (no effect on a CPU): off by default (exact fp32), on as released
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
         self.method = method_class(cfg.method)(cfg, self.device, self.rank, self.world)
         if cfg.genaug.ratio > 0 and not self.method.supports_genaug:
             from ..config import ConfigError

@@ -482,7 +482,8 @@ def _versions() -> dict:
 # -- a cache of trained autoencoders (the demo) ---------------------------------------------------
 # train.* keys added after the cache format: left out of the key at these (their default) values, so
 # that the keys of caches written before they existed still hold; any other value changes the key
-LATER_TRAIN_DEFAULTS = {"optimizer": "adamw", "momentum": 0.9, "lr_step_every": 1000, "lr_gamma": 0.95}
+LATER_TRAIN_DEFAULTS = {"optimizer": "adamw", "momentum": 0.9, "lr_step_every": 1000, "lr_gamma": 0.95,
+                        "tf32": False}
 
 
 def cache_key(cfg) -> str:
