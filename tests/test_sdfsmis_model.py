@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -439,9 +439,9 @@ def test_qe_soft_masks_are_bilinearly_resized(monkeypatch):
     seen = {}
     real = qe_mod.support_prototypes
 
-    def spy(s_latents, s_masks, n_shot):
+    def spy(s_latents, s_masks, n_shot, eps=qe_mod.EPS):
         seen["masks"] = s_masks.clone()
-        return real(s_latents, s_masks, n_shot)
+        return real(s_latents, s_masks, n_shot, eps)
 
     monkeypatch.setattr(qe_mod, "support_prototypes", spy)
     g = torch.Generator().manual_seed(0)
@@ -707,3 +707,27 @@ def test_postprocess_largest_8_connected_component_per_slice():
     np.testing.assert_array_equal(out[2], expected2)
     # filtering is configurable
     np.testing.assert_array_equal(postprocess(prob, largest_component=False), prob > 0.25)
+
+
+def test_qe_released_switches_known_answers():
+    """model.qe_align_corners / model.qe_eps: the released QE resizes the support mask with
+    align_corners=True and divides by (mask sum + 1e-6)."""
+    m = torch.zeros(1, 1, 4, 4)
+    m[0, 0, 0, 0] = 1.0
+    assert float(qe_mod.resize_masks(m, (2, 2), align_corners=True)[0, 0, 0, 0]) == 1.0  # the corner sample
+    assert float(qe_mod.resize_masks(m, (2, 2))[0, 0, 0, 0]) == 0.25  # the mean of the 2 x 2 cell
+    lat = torch.ones(1, 4, 2, 2)
+    mask = torch.zeros(1, 1, 2, 2)
+    mask[0, 0, 0, 0] = 1.0
+    lat, mask = lat.double(), mask.double()
+    fg6, _ = support_prototypes(lat, mask, 1, eps=1e-6)
+    fg5, _ = support_prototypes(lat, mask, 1)
+    assert float(fg6[0, 0]) == pytest.approx(1 / (1 + 1e-6), abs=1e-12)
+    assert float(fg5[0, 0]) == pytest.approx(1 / (1 + 1e-5), abs=1e-12)
+    # the config reaches the model
+    from fsmis.config import load_config
+    from fsmis.models.sd_fsmis import SDFSMISConfig
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+                      ["model.qe_align_corners=true", "model.qe_eps=1e-6"])
+    assert isinstance(cfg.model, SDFSMISConfig) and cfg.model.qe_align_corners is True and cfg.model.qe_eps == 1e-6

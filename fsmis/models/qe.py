@@ -7,6 +7,10 @@
 3. query prototype = mean of the query latents whose foreground probability > ``threshold``
    (0.7); if none, the top-k pixels by foreground probability, k = floor(0.1875 · latent width);
 4. the prototype broadcast over the grid, to be concatenated to the query latent.
+
+Two numerical details are switches (``model.qe_align_corners``, ``model.qe_eps``): the mask resize
+with ``align_corners`` (released: True; default False, the resize used everywhere else) and the
+epsilon of the masked averages (released: 1e-6; default 1e-5).
 """
 from __future__ import annotations
 
@@ -18,16 +22,16 @@ import torch.nn.functional as F
 EPS = 1e-5
 
 
-def resize_masks(masks: torch.Tensor, size) -> torch.Tensor:
+def resize_masks(masks: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
     """[N, 1, H, W] soft masks -> [N, 1, h, w], bilinear."""
-    return F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=align_corners)
 
 
-def support_prototypes(s_latents: torch.Tensor, s_masks: torch.Tensor, n_shot: int):
+def support_prototypes(s_latents: torch.Tensor, s_masks: torch.Tensor, n_shot: int, eps: float = EPS):
     """s_latents [B·K, C, h, w], s_masks [B·K, 1, h, w] (already at latent size) ->
     (fg, bg) prototypes [B, C], averaged over the K shots."""
-    fg = (s_latents * s_masks).sum((2, 3)) / (s_masks.sum((2, 3)) + EPS)
-    bg = (s_latents * (1 - s_masks)).sum((2, 3)) / ((1 - s_masks).sum((2, 3)) + EPS)
+    fg = (s_latents * s_masks).sum((2, 3)) / (s_masks.sum((2, 3)) + eps)
+    bg = (s_latents * (1 - s_masks)).sum((2, 3)) / ((1 - s_masks).sum((2, 3)) + eps)
     b = s_latents.shape[0] // n_shot
     return fg.view(b, n_shot, -1).mean(1), bg.view(b, n_shot, -1).mean(1)
 
@@ -54,14 +58,15 @@ def query_prototype(q_latents: torch.Tensor, prob: torch.Tensor, threshold: floa
 
 
 def query_enhancement(s_latents, s_masks, q_latents, n_shot: int, queries_per_episode: int = 1,
-                      threshold: float = 0.7, topk_ratio: float = 0.1875) -> torch.Tensor:
+                      threshold: float = 0.7, topk_ratio: float = 0.1875, align_corners: bool = False,
+                      eps: float = EPS) -> torch.Tensor:
     """Return the prototype map [B·Q, C, h, w] for the query latents [B·Q, C, h, w].
 
     s_masks may be at image size; they are bilinearly resized to the latent grid."""
     h, w = s_latents.shape[-2:]
     if s_masks.shape[-2:] != (h, w):
-        s_masks = resize_masks(s_masks, (h, w))
-    fg, bg = support_prototypes(s_latents, s_masks, n_shot)
+        s_masks = resize_masks(s_masks, (h, w), align_corners)
+    fg, bg = support_prototypes(s_latents, s_masks, n_shot, eps)
     if queries_per_episode > 1:
         fg = fg.repeat_interleave(queries_per_episode, 0)
         bg = bg.repeat_interleave(queries_per_episode, 0)

@@ -47,6 +47,8 @@ class SDFSMISConfig:
     scaling_factor: float | None = None  # latent scale; None: the VAE config's scaling_factor (SD: 0.18215)
     qe_threshold: float = 0.7
     qe_topk_ratio: float = 0.1875
+    qe_align_corners: bool = False  # QE's support-mask resize (released: true)
+    qe_eps: float = 1.0e-5  # QE's masked-average epsilon (released: 1e-6)
     threshold_ratio: float = 0.25
     threshold_floor: float = 0.0  # absolute probability floor under the relative threshold; 0: none (released)
     largest_component: bool = True
@@ -70,7 +72,8 @@ def expand_conv_in(conv: nn.Conv2d, in_channels: int = 8) -> nn.Conv2d:
 
 class SDFSMIS(nn.Module):
     def __init__(self, unet, vae, vtct: VTCT, scaling_factor: float = 0.18215,
-                 qe_threshold: float = 0.7, qe_topk_ratio: float = 0.1875):
+                 qe_threshold: float = 0.7, qe_topk_ratio: float = 0.1875, qe_align_corners: bool = False,
+                 qe_eps: float = 1e-5):
         super().__init__()
         self.unet = unet
         self.conv_in_support = expand_conv_in(unet.conv_in, 8)
@@ -83,6 +86,8 @@ class SDFSMIS(nn.Module):
         self.scaling_factor = scaling_factor
         self.qe_threshold = qe_threshold
         self.qe_topk_ratio = qe_topk_ratio
+        self.qe_align_corners = bool(qe_align_corners)
+        self.qe_eps = float(qe_eps)
 
     @classmethod
     def from_config(cls, cfg: SDFSMISConfig, dtype: torch.dtype | None = None, verify: str = "sample"):
@@ -156,7 +161,8 @@ class SDFSMIS(nn.Module):
             self.unet(x_s, t, encoder_hidden_states=cond.repeat_interleave(n_shot, 0),
                       cross_attention_kwargs=bank.context())
             proto = query_enhancement(s_img_lat.float(), support_masks.float(), q_img_lat.float(), n_shot,
-                                      queries_per_episode, self.qe_threshold, self.qe_topk_ratio)
+                                      queries_per_episode, self.qe_threshold, self.qe_topk_ratio,
+                                      self.qe_align_corners, self.qe_eps)
             x_q = self.conv_in_query(torch.cat([q_img_lat, proto.to(q_img_lat.dtype)], 1)
                                      .to(self.conv_in_query.weight.dtype))
             bank.mode = "fuse"
@@ -272,7 +278,8 @@ def build_model(cfg: SDFSMISConfig, dtype: torch.dtype | None = None, verify: st
         if not math.isclose(gen_sf, scaling_factor, rel_tol=1e-6):
             report.warnings.append(f"model.unet_init: the generator's latents were scaled by {gen_sf}, this "
                                    f"model's by {scaling_factor}")
-    model = SDFSMIS(unet, vae, vtct, scaling_factor, cfg.qe_threshold, cfg.qe_topk_ratio)
+    model = SDFSMIS(unet, vae, vtct, scaling_factor, cfg.qe_threshold, cfg.qe_topk_ratio, cfg.qe_align_corners,
+                    cfg.qe_eps)
     counts = parameter_counts(model)
     report.summary = {"sqi_layers": count_sqi_layers(model.unet), "cross_attention_dim": cross,
                       "latent_channels": vcfg.latent_channels, "scaling_factor": round(scaling_factor, 6),
