@@ -241,6 +241,7 @@ _RANGES = {  # key: (test, what it must be)
     "train.fg_weight": (lambda v: v > 0, "> 0 (1: plain MSE)"),
     "model.threshold_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "model.threshold_floor": (lambda v: 0 <= v < 1, "in [0, 1) (0: none)"),
+    "model.vtct_crop": (lambda v: v in ("aligned", "released", "resize"), "aligned, released or resize"),
     "train.precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
     "train.schedule": (lambda v: v in ("linear", "constant", "warmup_cosine", "step"),
                        "linear, constant, warmup_cosine or step"),

@@ -44,6 +44,7 @@ class SDFSMISConfig:
     vtct_hidden: int = 1536
     vtct_depth: int = 3
     vtct_feat_dim: int = 128  # feature size of the "none" encoder
+    vtct_crop: str = "aligned"  # aligned | released (the image cropped, the mask not) | resize (fsmis/models/vtct.py)
     scaling_factor: float | None = None  # latent scale; None: the VAE config's scaling_factor (SD: 0.18215)
     qe_threshold: float = 0.7
     qe_topk_ratio: float = 0.1875
@@ -269,7 +270,7 @@ def build_model(cfg: SDFSMISConfig, dtype: torch.dtype | None = None, verify: st
     if not isinstance(cross, int):
         raise ConfigError(f"UNet cross_attention_dim must be one integer for the VTCT token, got {cross!r}")
     encoder, report.vtct_encoder = load_vtct_encoder(cfg)
-    vtct = VTCT(encoder, cross, cfg.vtct_hidden, cfg.vtct_depth)
+    vtct = VTCT(encoder, cross, cfg.vtct_hidden, cfg.vtct_depth, cfg.vtct_crop)
     scaling_factor = resolve_scaling_factor(cfg.scaling_factor, vcfg, report)
     if cfg.unet_init:
         from .weights import unet_init_scaling_factor

@@ -1,16 +1,30 @@
 """Visual-to-Textual Condition Translator (VTCT): support features -> one implicit text token.
 
 1. patch features of each support image from a frozen, pluggable encoder;
-2. the support mask resized to the patch grid and binarised at 0.5 (image and mask are resized
-   identically: the released code centre-crops the image but not the mask, a misalignment);
-   a foreground too small to cover one cell falls back to the soft (unbinarised) mask, never
-   to a silent zero vector;
+2. the support mask resized to the patch grid and binarised at 0.5, image and mask cropped
+   identically; a foreground too small to cover one cell falls back to the soft (unbinarised)
+   mask, never to a silent zero vector;
 3. masked average pooling per shot, mean over shots;
 4. an MLP (LayerNorm + GELU between layers) -> ONE token ``[B, 1, D]`` used as
    ``encoder_hidden_states`` for both UNet passes.
 
 Encoders: ``dinov2`` (a local transformers folder, frozen), ``clip`` (open_clip, optional
 extra, frozen), ``none`` (a small trainable convolutional encoder, no pretrained weights).
+
+Preprocessing of a pretrained (224 px) encoder's input, ``model.vtct_crop``:
+
+- ``aligned`` (default): image bicubic to 256 px, centre crop 224 (the DINOv2 processor's
+  path); the mask resized (bilinear) to 256 and cropped the same way, so that mask cell and
+  patch cover the same pixels;
+- ``released``: the released code's path: the image as the processor takes a float image
+  (×255, truncated to uint8, ÷255; bicubic to 256; centre crop 224) and the mask resized
+  (bilinear, align_corners=False) straight to the patch grid from the UNCROPPED image, binarised
+  at > 0.5, masked mean Σ(f·m) / (Σm + 1e-6) (an empty mask gives a zero vector): mask cell
+  (r, c) covers pixels 16r..16r+15 of the 256 grid while patch (r, c) covers 16+14r..29+14r;
+- ``resize``: the whole image resized to 224, the mask pooled over the whole image (aligned,
+  no crop).
+
+The ``none`` encoder sees the image at the model's size whatever the switch.
 """
 from __future__ import annotations
 
@@ -137,18 +151,66 @@ class VTCTMlp(nn.Module):
         return self.net(x)
 
 
+CROP_MODES = ("aligned", "released", "resize")
+PROCESSOR_RESIZE = 256  # the DINOv2 processor: shortest edge to 256 (bicubic), then centre crop 224
+
+
+def centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def crop_inputs(images01: torch.Tensor, masks: torch.Tensor, size: int, mode: str):
+    """The encoder's input images [N, 3, size, size] and the masks to pool with (see the module
+    docstring): aligned -> masks cropped like the image; released -> the uncropped masks."""
+    if mode == "resize":
+        return images01, masks
+    if mode == "released":
+        images01 = torch.floor(images01 * 255.0) / 255.0  # the processor's uint8 round trip (truncation)
+    big = PROCESSOR_RESIZE
+    if images01.shape[-2:] != (big, big):
+        images01 = F.interpolate(images01, size=(big, big), mode="bicubic", align_corners=False).clamp(0, 1)
+    images01 = centre_crop(images01, size)
+    if mode == "aligned":
+        if masks.shape[-2:] != (big, big):
+            masks = F.interpolate(masks.float(), size=(big, big), mode="bilinear", align_corners=False)
+        masks = centre_crop(masks, size)
+    return images01, masks
+
+
+def released_pooling(features: torch.Tensor, masks: torch.Tensor, n_shot: int) -> torch.Tensor:
+    """The released masked mean: masks bilinearly resized (align_corners=False) straight to the grid,
+    binarised at > 0.5, Σ(f·m) / (Σm + 1e-6) per shot, mean over shots (an empty mask: zeros)."""
+    g = features.shape[-2:]
+    m = (F.interpolate(masks.float(), size=g, mode="bilinear", align_corners=False) > 0.5).to(features.dtype)
+    pooled = (features * m).sum((2, 3)) / (m.sum((2, 3)) + 1e-6)
+    return pooled.view(-1, n_shot, pooled.shape[-1]).mean(1)
+
+
 class VTCT(nn.Module):
-    def __init__(self, encoder: nn.Module, cross_attention_dim: int, hidden: int = 1536, depth: int = 3):
+    def __init__(self, encoder: nn.Module, cross_attention_dim: int, hidden: int = 1536, depth: int = 3,
+                 crop: str = "aligned"):
         super().__init__()
+        if crop not in CROP_MODES:
+            raise ValueError(f"model.vtct_crop must be one of {CROP_MODES}, got {crop!r}")
         self.encoder = encoder
+        self.crop = crop
         self.mlp = VTCTMlp(encoder.out_dim, cross_attention_dim, hidden, depth)
 
     def forward(self, support_images01: torch.Tensor, support_masks: torch.Tensor, n_shot: int) -> torch.Tensor:
         """support_images01 [B·K, 3, H, W] in [0, 1], support_masks [B·K, 1, H, W] -> [B, 1, D]."""
+        size = None if getattr(self.encoder, "trainable", True) else getattr(self.encoder, "size", None)
+        masks = support_masks
+        if size is not None:
+            support_images01, masks = crop_inputs(support_images01, support_masks, size, self.crop)
         feats = self.encoder(support_images01)
         if feats.dtype in (torch.float16, torch.bfloat16):
             feats = feats.float()  # pool in fp32
-        pooled = masked_pooling(feats, support_masks.to(feats.dtype), n_shot)
+        if size is not None and self.crop == "released":
+            pooled = released_pooling(feats, masks.to(feats.dtype), n_shot)
+        else:
+            pooled = masked_pooling(feats, masks.to(feats.dtype), n_shot)
         return self.mlp(pooled.to(next(self.mlp.parameters()).dtype))[:, None, :]
 
 
