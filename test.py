@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-guidance", type=float, default=None, metavar="G",
                    help="guidance scale of the variants (default: the generator run's model.guidance)")
     p.add_argument("--no-surface", action="store_true", help="skip HD95/ASD (faster)")
+    p.add_argument("--released-slice-metrics", action="store_true",
+                   help="also the released SD-FSMIS script's per-slice HD95 / ASSD in pixels (extra columns "
+                        "hd95_px_2d_released / assd_px_2d_released)")
     p.add_argument("--no-nifti", action="store_true", help="do not write NIfTI predictions")
     p.add_argument("--no-figures", action="store_true",
                    help="do not write overlay PNGs (support, query, prediction, ground truth; one per fold)")
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
             n_part=args.n_part, chunking=args.chunking, support=args.support_mode or "1shot", dice=args.dice,
             setting=args.setting or 1, exclusion=args.exclusion or "any", test_classes=args.classes,
             surface_metrics=not args.no_surface, support_case=args.support_case,
-            query_cases=args.query_cases)
+            query_cases=args.query_cases, released_slice_metrics=args.released_slice_metrics)
         out = Path(args.out)
         check_output_folder(out)
         sink = None if args.no_nifti else PredictionWriter(ds, out / "predictions")

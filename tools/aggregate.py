@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         runs.append((path, json.loads(path.read_text())))
     ref_path, ref = runs[0]
     def protocol(res):  # results written before synthetic supports existed had none
-        return {"synthetic_support": 0, "support_from_mask": None, **{k: v for k, v in res["protocol"].items() if k not in IGNORED}}
+        return {"synthetic_support": 0, "support_from_mask": None, "released_slice_metrics": False,
+                **{k: v for k, v in res["protocol"].items() if k not in IGNORED}}
 
     ref_proto = protocol(ref)
     for path, res in runs[1:]:

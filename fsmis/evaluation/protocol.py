@@ -28,7 +28,7 @@ from ..data.folds import Fold, make_folds
 from ..data.nifti import DataError
 from ..data.normalize import normalize_volume
 from ..methods.base import Predictor
-from .metrics import Counts, confusion, pooled_dice, surface_distances
+from .metrics import Counts, confusion, pooled_dice, released_slice_distances, surface_distances
 
 PROTOCOL_VERSION = 1
 
@@ -50,6 +50,7 @@ class ProtocolConfig:
     support_case: str | None = None  # with query_cases: one explicit episode set, no folds
     query_cases: list | None = None
     support_from_mask: str | None = None  # recorded: the dataset whose masks gave generated supports (zero-shot)
+    released_slice_metrics: bool = False  # also the released script's per-slice HD95 / ASSD in pixels (extra columns)
 
     def validate(self) -> None:
         choices = {"folds": ("canonical", "legacy"), "chunking": ("ep1", "alpnet"),
@@ -111,6 +112,8 @@ class VolumeResult:
     hd95_mm: float | None
     asd_mm: float | None
     support_slices: list
+    slice_hd95_px: list = field(default_factory=list)  # released per-slice values (finite only)
+    slice_assd_px: list = field(default_factory=list)
 
 
 @dataclass
@@ -218,7 +221,14 @@ class Evaluator:
                 hd = asd = None
                 if cfg.surface_metrics:
                     hd, asd = surface_distances(pred, gt, q_case.spacing)
-                res.volumes.append(VolumeResult(q, cls, counts, counts.dice, hd, asd, s_idx))
+                vr = VolumeResult(q, cls, counts, counts.dice, hd, asd, s_idx)
+                if cfg.released_slice_metrics:
+                    for z in np.flatnonzero(kept):
+                        h2, a2 = released_slice_distances(pred[z], gt[z])
+                        if h2 is not None:
+                            vr.slice_hd95_px.append(h2)
+                            vr.slice_assd_px.append(a2)
+                res.volumes.append(vr)
                 if self.prediction_sink is not None:
                     self.prediction_sink(res.fold, q, cls, pred)
                 if bar is not None:
@@ -262,7 +272,16 @@ def summarize(fold_results: list[FoldResult], classes, cfg: ProtocolConfig, ds: 
                 slices[c] = vols[0].support_slices
         per_class = {c: _mean(per_volume[c].values()) for c in classes}
         pooled = {c: pooled_dice((v.counts for v in fr.volumes if v.cls == c), empty=None) for c in classes}
+        released = {}
+        if cfg.released_slice_metrics:
+            # the released script: per class, the mean over every finite slice of the fold's query volumes
+            released = {
+                "hd95_px_2d_released": {c: _mean([x for v in fr.volumes if v.cls == c for x in v.slice_hd95_px])
+                                        for c in classes},
+                "assd_px_2d_released": {c: _mean([x for v in fr.volumes if v.cls == c for x in v.slice_assd_px])
+                                        for c in classes}}
         folds_out.append({
+            **released,
             "fold": fr.fold,
             "support": fr.support,
             "queries": fr.queries,
@@ -313,6 +332,8 @@ def summarize(fold_results: list[FoldResult], classes, cfg: ProtocolConfig, ds: 
         "hd95_mm": hd_all,
         "asd_mm": asd_all,
         "surface_undefined_volumes": n_undefined,
+        **({k: {c: over_folds(k, c)[0] for c in classes} for k in ("hd95_px_2d_released", "assd_px_2d_released")}
+           if cfg.released_slice_metrics else {}),
         "folds": folds_out,
         "seconds": round(seconds, 2),
     }

@@ -5,7 +5,8 @@ hash of everything that decides what a number means: the protocol block of the r
 protocol, support index, folds evaluated, chunking, support, Dice averaging, setting, exclusion,
 test classes, explicit support / query cases, synthetic or mask-generated supports) and the dataset
 (name, modality, number of cases, test classes). Left out: the results format ``version`` and the
-method's own input ``normalization`` (a property of the method, recorded in its row). Rows are
+method's own input ``normalization`` (a property of the method, recorded in its row), and which
+extra distance columns were computed (``surface_metrics``, ``released_slice_metrics``). Rows are
 ranked only against rows of the same fingerprint; rows under another protocol are marked, and the
 keys in which they differ are listed under the table.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-FINGERPRINT_IGNORED = ("version", "normalization")
+FINGERPRINT_IGNORED = ("version", "normalization", "surface_metrics", "released_slice_metrics")
 PROTOCOL_DEFAULTS = {"synthetic_support": 0, "support_from_mask": None}  # results written before these existed
 
 

@@ -72,6 +72,16 @@ def results_markdown(results: dict, title: str | None = None) -> str:
             lines.append(f"\n{results['surface_undefined_volumes']} volume(s) with an empty prediction have no "
                          "surface distance and are left out of HD95/ASD means.")
         lines.append("")
+    if "hd95_px_2d_released" in results:
+        lines.append("| released per-slice metrics (pixels) | " + " | ".join(classes) + " |")
+        lines.append("|---|" + "---|" * len(classes))
+        lines.append("| HD95 (px, 2D, released) | " + " | ".join(_fmt(results["hd95_px_2d_released"][c], 1, 1)
+                                                         for c in classes) + " |")
+        lines.append("| ASSD (px, 2D, released) | " + " | ".join(_fmt(results["assd_px_2d_released"][c], 1, 2)
+                                                          for c in classes) + " |")
+        lines += ["", "The released script's distances: per 2D slice in pixels (HD95 over region pixels, ASSD as "
+                      "medpy), slices with an empty prediction or ground truth left out; not comparable with the "
+                      "3D distances in mm.", ""]
     return "\n".join(lines)
 
 
