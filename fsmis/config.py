@@ -31,6 +31,7 @@ class DataConfig:
     min_fg_pixels: int = 200
     image_size: int = 256
     augment: bool = True
+    augment_mode: str = "protocol"  # protocol (docs/protocol.md §5: one side, fresh fields) | released (independent sides, fixed field, fill 0)
     shift_px: int = 0  # random shift (pixels) of support and query, against position copying
     sampler: str = "consecutive"  # consecutive (ADNet family, SD-FSMIS) | same_slice (SSL-ALPNet: two augmentations of one slice)
     n_shot: int = 1  # support slices per training episode
@@ -253,6 +254,7 @@ _RANGES = {  # key: (test, what it must be)
     "data.min_fg_pixels": (lambda v: v >= 0, ">= 0"), "data.fold": (lambda v: v >= 0, ">= 0"),
     "data.setting": (lambda v: v in (1, 2), "1 or 2"), "data.exclusion": (lambda v: v in ("any", "all", "released"), "any, all or released"),
     "data.size_rule": (lambda v: v in ("every", "max"), "every or max"),
+    "data.augment_mode": (lambda v: v in ("protocol", "released"), "protocol or released"),
     "data.protocol": (lambda v: v in ("canonical", "legacy"), "canonical or legacy"),
     "data.labels": (lambda v: v in ("supervoxel", "label"), "supervoxel or label"),
     "data.test_group": (lambda v: v in (1, 2), "1 or 2 (null: remove every test class)"),

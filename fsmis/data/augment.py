@@ -169,6 +169,66 @@ class Compose(Transform):
         return len(self.transforms)
 
 
+RELEASED_ELASTIC_SEED = 2025
+_RELEASED_FIELDS: dict = {}
+
+
+def released_elastic_fields(shape: tuple[int, int], alpha: float = 10.0, sigma: float = 5.0,
+                            seed: int = RELEASED_ELASTIC_SEED) -> np.ndarray:
+    """The released SD-FSMIS loader's elastic fields [4, H, W]: image dx, image dy, label dx, label
+    dy, in pixels. Its elastic transform seeds ``np.random.RandomState(2025)`` at every call (one
+    fixed field for every episode) and draws the image's and the label's fields from the same
+    stream one after the other, so image and label are warped by two different fields."""
+    key = (tuple(int(v) for v in shape), float(alpha), float(sigma), int(seed))
+    if key not in _RELEASED_FIELDS:
+        rs = np.random.RandomState(seed)
+        _RELEASED_FIELDS[key] = np.stack([
+            ndimage.gaussian_filter(rs.rand(*key[0]) * 2 - 1, sigma, mode="reflect") * alpha for _ in range(4)])
+    return _RELEASED_FIELDS[key]
+
+
+class ReleasedElastic(Transform):
+    """The released elastic transform (``data.augment_mode=released``): the fixed fields of
+    :func:`released_elastic_fields`, sampled at (row + dy, col + dx) with reflection, the image
+    linearly, masks by nearest neighbour. Draws no random number."""
+
+    def __init__(self, alpha: float = 10.0, sigma: float = 5.0):
+        self.alpha = float(alpha)
+        self.sigma = float(sigma)
+
+    def apply(self, image, masks, rng):
+        _check_2d(image, masks)
+        f = released_elastic_fields(image.shape, self.alpha, self.sigma)
+        rows, cols = np.indices(image.shape, dtype=np.float64)
+        image = ndimage.map_coordinates(image, [rows + f[1], cols + f[0]], order=1, mode="reflect").astype(
+            image.dtype, copy=False)
+        masks = [ndimage.map_coordinates(m, [rows + f[3], cols + f[2]], order=0, mode="reflect") for m in masks]
+        return image, masks
+
+
+class ReleasedGamma(Transform):
+    """The released gamma (``data.augment_mode=released``): on u = (x + 1) / 2 clamped to [0, 1]
+    (the released images are min-max normalised to [-1, 1]), y = u^gamma, back to 2y - 1; gamma
+    uniform in ``range``. Masks unchanged."""
+
+    def __init__(self, range: tuple[float, float] = (0.5, 1.5)):  # noqa: A002 - protocol name
+        self.range = (float(range[0]), float(range[1]))
+
+    def apply(self, image, masks, rng):
+        gamma = rng.uniform(*self.range)
+        u = np.clip((image.astype(np.float64) + 1.0) / 2.0, 0.0, 1.0)
+        return (2.0 * np.power(u, gamma) - 1.0).astype(image.dtype, copy=False), masks
+
+
+def released_augmentation() -> tuple[Compose, Transform]:
+    """(geometric, intensity) transforms of the released loader, applied to independently drawn
+    sides of an episode: affine (the protocol's ranges; out-of-slice pixels filled with 0) then the
+    fixed elastic field; gamma on the [0, 1] rescaled image."""
+    return (Compose([RandomAffine(rotation=5.0, shift=5.0, shear=5.0, scale=(0.9, 1.2), mode="constant"),
+                     ReleasedElastic(alpha=10.0, sigma=5.0)]),
+            ReleasedGamma(range=(0.5, 1.5)))
+
+
 def default_augmentation() -> Compose:
     """The protocol's training augmentation (docs/protocol.md §5): affine, elastic, gamma."""
     return Compose([

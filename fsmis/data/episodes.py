@@ -365,7 +365,8 @@ class ConsecutiveSliceSampler(_SamplerBase):
                  test_classes=None, labels: str = "supervoxel", min_fg_pixels: int = 200,
                  augment: Transform | str | None = "default", augment_target: str = "random",
                  normalization: str = "zscore", seed: int | None = 0, max_retries: int = 100,
-                 test_group: int | None = None, test_group_ids: str = "names", size_rule: str = "every"):
+                 test_group: int | None = None, test_group_ids: str = "names", size_rule: str = "every",
+                 augment_intensity: Transform | None = None):
         if isinstance(augment, str):
             if augment != "default":
                 raise ValueError(f"augment must be a transform, 'default' or None, got {augment!r}")
@@ -375,6 +376,8 @@ class ConsecutiveSliceSampler(_SamplerBase):
         super().__init__(dataset, case_ids, n_shot, setting, exclusion, test_classes, labels,
                          min_fg_pixels, augment, normalization, seed, test_group, test_group_ids, size_rule)
         self.augment_target = augment_target
+        # released mode: an intensity transform applied to a side drawn independently of the augment's
+        self.augment_intensity = augment_intensity
         self.max_retries = int(max_retries)
         self._tables: dict[str, _RunTable] | None = None
 
@@ -452,6 +455,10 @@ class ConsecutiveSliceSampler(_SamplerBase):
             idx = range(self.n_shot) if target == "support" else [self.n_shot]
             for i in idx:
                 images[i], masks[i] = self._augment(images[i], masks[i], rng)
+        if self.augment_intensity is not None:
+            side = "support" if rng.random() < 0.5 else "query"
+            for i in (range(self.n_shot) if side == "support" else [self.n_shot]):
+                images[i] = np.asarray(self.augment_intensity(images[i], [], rng)[0], np.float32)
 
         by_id = {v: k for k, v in self.dataset.classes.items()}
         return Episode(
@@ -472,6 +479,8 @@ class ConsecutiveSliceSampler(_SamplerBase):
         d = super().config()
         d.update(augment_target=self.augment_target if self.augment is not None else None,
                  reverse_p=0.5, max_retries=self.max_retries)
+        if self.augment_intensity is not None:
+            d["augment_intensity"] = repr(self.augment_intensity)
         return d
 
 

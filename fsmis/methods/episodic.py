@@ -37,10 +37,15 @@ def make_sampler(cfg, dataset, train_cases, normalization: str = "minmax"):
         return SameSliceSampler(dataset, train_cases, n_shot=n_shot, setting=d.setting, exclusion=d.exclusion,
                                 min_fg_pixels=d.min_fg_pixels, augment="default", normalization=normalization,
                                 seed=cfg.train.seed)
+    augment, intensity = ("default" if d.augment else None), None
+    if d.augment and getattr(d, "augment_mode", "protocol") == "released":
+        from ..data.augment import released_augmentation
+
+        augment, intensity = released_augmentation()
     return ConsecutiveSliceSampler(
         dataset, train_cases, n_shot=n_shot, setting=d.setting, exclusion=d.exclusion,
-        labels=d.labels, min_fg_pixels=d.min_fg_pixels,
-        augment="default" if d.augment else None, normalization=normalization, seed=cfg.train.seed,
+        labels=d.labels, min_fg_pixels=d.min_fg_pixels, augment_intensity=intensity,
+        augment=augment, normalization=normalization, seed=cfg.train.seed,
         test_group=getattr(d, "test_group", None), test_group_ids=getattr(d, "test_group_ids", "names"),
         size_rule=getattr(d, "size_rule", "every"))
 
