@@ -59,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--support-mode", choices=["1shot", "3shot"], default=None,
                    help="1shot: chunk i uses support slice i; 3shot: all support slices for every chunk "
                         "(default: the run's eval.support, else 1shot)")
-    g.add_argument("--dice", choices=["per_volume", "pooled"], default="per_volume",
+    g.add_argument("--dice", choices=["per_volume", "pooled"], default=None,
                    help="headline Dice: per-volume 3D Dice averaged (default) or pooled over a fold's volumes")
+    g.add_argument("--preset", choices=["released"], default=None,
+                   help="released: evaluate as the released SD-FSMIS script (legacy folds, supp_idx 2, the three "
+                        "support slices as one 3-shot support for every chunk, pooled Dice, every test class, the "
+                        "per-slice HD95 / ASSD in pixels as extra columns); explicit switches win")
     g.add_argument("--n-part", type=int, default=3, help="EP1 parts (default 3)")
     g.add_argument("--classes", nargs="+", help="test classes by name (default: the dataset's test classes)")
     g.add_argument("--support-case", help="evaluate this one support case against --query-cases (no folds)")
@@ -118,8 +122,17 @@ def main(argv=None) -> int:
     if bad_folds:
         parser.error(f"--folds {' '.join(map(str, bad_folds))}: out of range 0..{args.n_folds - 1} "
                      f"(--n-folds {args.n_folds})")
+    if args.preset == "released":
+        args.protocol = args.protocol or "legacy"
+        args.supp_idx = 2 if args.supp_idx is None else args.supp_idx
+        args.support_mode = args.support_mode or "3shot"
+        args.dice = args.dice or "pooled"
+        args.released_slice_metrics = True
+    args.dice = args.dice or "per_volume"
     try:
         ds = open_dataset(args.data)
+        if args.preset == "released" and args.classes is None:
+            args.classes = list(ds.test_classes)  # the released script scores every class (a leak is recorded)
         training = None
         if args.checkpoint is not None:
             from fsmis.engine.runs import load_run
@@ -153,7 +166,7 @@ def main(argv=None) -> int:
             n_part=args.n_part, chunking=args.chunking, support=args.support_mode or "1shot", dice=args.dice,
             setting=args.setting or 1, exclusion=args.exclusion or "any", test_classes=args.classes,
             surface_metrics=not args.no_surface, support_case=args.support_case,
-            query_cases=args.query_cases, released_slice_metrics=args.released_slice_metrics)
+            query_cases=args.query_cases, released_slice_metrics=args.released_slice_metrics, preset=args.preset)
         out = Path(args.out)
         check_output_folder(out)
         sink = None if args.no_nifti else PredictionWriter(ds, out / "predictions")
@@ -219,7 +232,7 @@ def training_protocol(run, ds, args) -> dict:
     contradict it. Returns the training record written into results.json."""
     data = run.cfg.data
     record = {"run": str(run.run_dir), "checkpoint": str(run.step_dir), "step": run.step, "weights": run.weights,
-              "method": run.cfg.method, "config_name": run.cfg.name}
+              "method": run.cfg.method, "config_name": run.cfg.name, "preset": run.cfg.preset_applied}
     if not hasattr(data, "setting"):
         return record
     same_data = _same_dataset(run, ds)

@@ -93,6 +93,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     genaug: GenaugConfig = field(default_factory=GenaugConfig)
+    preset: str | None = None  # a named set of switches expanded at load time (PRESETS; "released": the authors' code)
+    preset_applied: str | None = None  # the preset this config was expanded from (recorded; never re-expanded)
 
     def __post_init__(self):
         if self.data is None or self.model is None:
@@ -200,6 +202,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+# Presets: every switch a preset sets, in one place. ``preset: released`` reproduces the released
+# SD-FSMIS code (docs/sd-fsmis.md, "Decisions"; README, the released-code table); each key stays a
+# separate switch. A preset is applied over the config file's values and under the command line's
+# key=value overrides; the resolved config records it as ``preset_applied`` (and ``preset: null``),
+# so that a saved run config reloads exactly.
+PRESETS = {
+    "released": {
+        "data.labels": "label", "data.test_group": 1, "data.test_group_ids": "released",
+        "data.size_rule": "max", "data.exclusion": "released", "data.augment": True,
+        "data.augment_mode": "released", "data.n_val": 0, "data.protocol": "legacy", "data.supp_idx": 2,
+        "model.vtct_crop": "released", "model.qe_align_corners": True, "model.qe_eps": 1.0e-6,
+        "train.tf32": True, "eval.support": "3shot",
+    },
+}
+PRESET_METHODS = {"released": ("sdfsmis",)}
+
+
+def _set(raw: dict, keys: list[str], value, what: str) -> None:
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: {k} is not a section")
+    node[keys[-1]] = value
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     raw: dict = {}
     if path is not None:
@@ -213,14 +241,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not a readable YAML file ({detail})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a YAML mapping")
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k} is not a section")
-        node[keys[-1]] = value
+    parsed = [(text, *parse_override(text)) for text in overrides or []]
+    preset = next((v for _, k, v in parsed if k == ["preset"]), raw.get("preset"))
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"{path or 'config'}: preset {preset!r} unknown (known: {', '.join(PRESETS)})")
+        method = next((v for _, k, v in parsed if k == ["method"]), raw.get("method", "sdfsmis"))
+        if method not in PRESET_METHODS[preset]:
+            raise ConfigError(f"{path or 'config'}: preset {preset!r} is for method {', '.join(PRESET_METHODS[preset])}, "
+                              f"not {method!r}")
+        for key, value in PRESETS[preset].items():
+            _set(raw, key.split("."), value, f"preset {preset}")
+        raw["preset"], raw["preset_applied"] = None, preset
+    for text, keys, value in parsed:
+        if keys == ["preset"]:
+            continue
+        _set(raw, keys, value, f"override {text!r}")
     try:
         cfg = _build(Config, raw, "")
         check_ranges(cfg)

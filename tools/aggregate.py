@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         runs.append((path, json.loads(path.read_text())))
     ref_path, ref = runs[0]
     def protocol(res):  # results written before synthetic supports existed had none
-        return {"synthetic_support": 0, "support_from_mask": None, "released_slice_metrics": False,
+        return {"synthetic_support": 0, "support_from_mask": None, "released_slice_metrics": False, "preset": None,
                 **{k: v for k, v in res["protocol"].items() if k not in IGNORED}}
 
     ref_proto = protocol(ref)

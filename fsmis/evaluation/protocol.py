@@ -51,6 +51,7 @@ class ProtocolConfig:
     query_cases: list | None = None
     support_from_mask: str | None = None  # recorded: the dataset whose masks gave generated supports (zero-shot)
     released_slice_metrics: bool = False  # also the released script's per-slice HD95 / ASSD in pixels (extra columns)
+    preset: str | None = None  # recorded: the evaluation preset that set these switches (test.py --preset)
 
     def validate(self) -> None:
         choices = {"folds": ("canonical", "legacy"), "chunking": ("ep1", "alpnet"),

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 FINGERPRINT_IGNORED = ("version", "normalization", "surface_metrics", "released_slice_metrics")
-PROTOCOL_DEFAULTS = {"synthetic_support": 0, "support_from_mask": None}  # results written before these existed
+PROTOCOL_DEFAULTS = {"synthetic_support": 0, "support_from_mask": None, "preset": None}  # results written before these existed
 
 
 class ReportError(ValueError):

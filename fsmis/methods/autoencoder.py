@@ -495,6 +495,9 @@ def cache_key(cfg) -> str:
     d = cfg.to_dict()
     d.pop("name", None)
     d.pop("genaug", None)
+    for k in ("preset", "preset_applied"):  # top-level keys added after the cache format, when unset
+        if d.get(k) is None:
+            d.pop(k, None)
     d["data"].pop("root", None)
     for k, v in LATER_TRAIN_DEFAULTS.items():
         if d["train"].get(k) == v:
