@@ -49,3 +49,12 @@ def test_evaluator_adds_the_released_columns(tmp_path):
     assert res["hd95_px_2d_released"][cls] == res["folds"][0]["hd95_px_2d_released"][cls] >= 0
     assert res["protocol"]["released_slice_metrics"] is True
     assert "HD95 (px, 2D, released)" in results_markdown(res)
+
+
+def test_pooled_dice_known_answer():
+    """Released Dice: TP / FP / FN summed over the fold's query volumes, one Dice per class."""
+    from fsmis.evaluation.metrics import Counts, pooled_dice
+
+    a, b = Counts(tp=90, fp=10, fn=10), Counts(tp=10, fp=30, fn=30)
+    assert pooled_dice([a, b]) == pytest.approx(200 / 280)
+    assert (a.dice + b.dice) / 2 == pytest.approx(0.575)  # the per-volume mean, for contrast
