@@ -59,6 +59,18 @@ def _timed(fn, steps: int, sync) -> float:
     return time.perf_counter() - t0
 
 
+def _train_rate(loss_fn, opt, steps: int, batch: int, sync) -> tuple[float, float]:
+    """(episodes/s, seconds) of ``steps`` optimiser steps of ``loss_fn()`` after one warm-up step."""
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dt = _timed(step, steps, sync)
+    return steps * batch / dt, dt
+
+
 def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: int, steps: int, chunk: int,
          grad_ckpt: bool, fast: bool, channels_last: bool, queue):
     import torch
@@ -99,15 +111,11 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
                               {"params": model.vtct_parameters(), "lr": tc.lr * tc.vtct_lr_mult}], tc, dev)
         model.train()
 
-        def step():
+        def loss():
             with autocast(precision, dev):
-                loss = model.loss(episode_batch(batch))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                return model.loss(episode_batch(batch))
 
-        dt = _timed(step, steps, sync)
-        rate = steps * batch / dt
+        rate, dt = _train_rate(loss, opt, steps, batch, sync)
     else:
         model.eval()
         b = episode_batch(1, chunk)
@@ -161,15 +169,9 @@ def _baseline_row(kind: str, name: str, backbone: str, width: int, device: str, 
     if kind == "train":
         opt = make_optimizer(method.param_groups(), cfg.train, dev)
         method.module.train()
-
-        def step():
-            loss = method.loss(Batch(rand(batch), rand(batch, True), rand(batch), 1, 1, rand(batch, True)), None)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        dt = _timed(step, steps, sync)
-        rate = steps * batch / dt
+        rate, dt = _train_rate(
+            lambda: method.loss(Batch(rand(batch), rand(batch, True), rand(batch), 1, 1, rand(batch, True)), None),
+            opt, steps, batch, sync)
     else:
         method.module.eval()
         s_img, s_msk, q = rand(1), rand(1, True), rand(chunk)

@@ -68,14 +68,9 @@ def bar_chart(results: dict, path: Path, support_copy: dict) -> Path:
     ax.legend(fontsize=8)
     ax.set_title("synthetic data on the demo SD-FSMIS (dashed: support-copy)", fontsize=9)
     fig.tight_layout()
-    from fsmis.atomic import atomic_target
+    from fsmis.evaluation.figures import save_figure
 
-    try:
-        with atomic_target(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

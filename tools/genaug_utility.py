@@ -121,7 +121,7 @@ def bar_chart(table: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from fsmis.atomic import atomic_target
+    from fsmis.evaluation.figures import save_figure
 
     rows = table["rows"]
     x = np.arange(len(rows))
@@ -140,12 +140,7 @@ def bar_chart(table: dict, path: Path) -> Path:
     ax.set_title(f"synthetic data on the demo SD-FSMIS, seeds {', '.join(table['seeds'])} (dashed: support-copy)",
                  fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic_target(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -8,13 +8,13 @@ import numpy as np
 from ..atomic import atomic_target
 
 
-def _save(fig, path, dpi: int) -> Path:
-    """Write a matplotlib figure atomically as PNG and close it."""
+def save_figure(fig, path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure atomically as PNG and close it (the one figure writer of reports)."""
     import matplotlib.pyplot as plt
 
     try:
         with atomic_target(path) as tmp:
-            fig.savefig(tmp, dpi=dpi)
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
     return Path(path)
@@ -55,7 +55,7 @@ def overlay_panel(rows: list[dict], path: str | Path, title: str | None = None) 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path, dpi=90)
+    return save_figure(fig, path, dpi=90)
 
 
 def example_rows(dataset, predictor, fold_result: dict, classes, normalize) -> list[dict]:
@@ -116,4 +116,4 @@ def validation_curve(curves: dict[str, list[dict]], path: str | Path, title: str
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path, dpi=100)
+    return save_figure(fig, path, dpi=100)

@@ -191,7 +191,7 @@ def bar_chart(report: dict, path: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..atomic import atomic_target
+    from .figures import save_figure
 
     classes, rows = report["classes"], report["rows"]
     groups = [*classes, "mean"]
@@ -213,12 +213,7 @@ def bar_chart(report: dict, path: Path, title: str = "") -> Path:
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(title or "per-class Dice (hatched: another protocol than A)", fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic_target(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(report: dict, out, title: str = "Comparison") -> list[Path]:

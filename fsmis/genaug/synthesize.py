@@ -314,7 +314,7 @@ def samples_figure(rows: list[dict], path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..evaluation.figures import _save
+    from ..evaluation.figures import save_figure
 
     n = max(1, len(rows))
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.6 * n), squeeze=False)
@@ -333,7 +333,7 @@ def samples_figure(rows: list[dict], path) -> Path:
         for a in axes[0]:
             a.axis("off")
     fig.tight_layout()
-    return _save(fig, path, dpi=90)
+    return save_figure(fig, path, dpi=90)
 
 
 # -- the synthesis ----------------------------------------------------------------------------------------
