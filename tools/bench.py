@@ -59,6 +59,16 @@ def _timed(fn, steps: int, sync) -> float:
     return time.perf_counter() - t0
 
 
+def _start_measuring(dev):
+    """Reset the GPU's peak-memory counter; returns the device's synchronisation call."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.synchronize
+    return lambda: None
+
+
 def _train_rate(loss_fn, opt, steps: int, batch: int, sync) -> tuple[float, float]:
     """(episodes/s, seconds) of ``steps`` optimiser steps of ``loss_fn()`` after one warm-up step."""
     def step():
@@ -91,12 +101,7 @@ def _row(kind: str, arch: str, device: str, precision: str, batch: int, size: in
         model.to(memory_format=torch.channels_last)
     if grad_ckpt:
         model.unet.enable_gradient_checkpointing()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        sync = torch.cuda.synchronize
-    else:
-        def sync():
-            return None
+    sync = _start_measuring(dev)
 
     def episode_batch(b, q=1):
         return Batch(torch.rand(b, 1, size, size, device=dev) * 2 - 1,
@@ -155,12 +160,7 @@ def _baseline_row(kind: str, name: str, backbone: str, width: int, device: str, 
     method = method_class(name)(cfg, dev)
     method.build()
     t_build = time.perf_counter() - t_build
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        sync = torch.cuda.synchronize
-    else:
-        def sync():
-            return None
+    sync = _start_measuring(dev)
 
     def rand(n, mask=False):
         x = torch.rand(n, 1, size, size, device=dev)
