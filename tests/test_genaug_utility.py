@@ -50,3 +50,10 @@ def test_utility_table(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "genaug_utility.py"), "--base", str(base), "--arm",
                         f"x={other}", "--out", str(tmp_path / "o2")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "train.lr=1" in r.stderr
+
+
+def test_utility_refuses_an_input_folder_as_output(tmp_path):
+    base = _write(tmp_path / "base", {"0": (0.5, 0.5)})
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "genaug_utility.py"), "--base", str(base), "--out",
+                        str(base / "table")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "input folder" in r.stderr and not (base / "table").exists()

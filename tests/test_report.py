@@ -90,3 +90,24 @@ def test_cli_writes_every_file_and_refuses_a_file_that_is_no_result(results, tmp
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "bad.json" in r.stderr and "not an evaluator results file" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_an_output_folder_that_is_an_input_or_foreign(results, tmp_path):
+    inp = results["copy01"].parent
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "report.py"), str(results["copy01"]), "--out", str(inp)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "input folder" in r.stderr and "Traceback" not in r.stderr
+    assert (inp / "results.json").is_file() and not (inp / "report.md").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "report.py"), str(results["copy01"]), "--out",
+                        str(foreign)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "notes.txt" not in r.stderr and (foreign / "notes.txt").read_text() == "keep"
+    # an earlier report is replaced as a whole
+    out = tmp_path / "rep"
+    for _ in range(2):
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / "report.py"), str(results["copy01"]), "--out", str(out)],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.json", "report.md", "report.png"]

@@ -14,7 +14,8 @@ Per seed: in-domain / cross-domain mean Dice; per row: median and range over the
 many seeds the row beats the base model (paired by seed). Only seeds present in every input are
 used, and the table says which.
 
-Writes OUT/utility.md, OUT/utility.json and OUT/utility.png (medians with ranges).
+Writes OUT/utility.md, OUT/utility.json and OUT/utility.png (medians with ranges), as one folder;
+--out must be a new or empty folder or an earlier utility table, never an input's folder.
 """
 from __future__ import annotations
 
@@ -151,9 +152,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
 
-    from fsmis.atomic import atomic_write_json, atomic_write_text
+    from fsmis.atomic import atomic_directory, atomic_write_json, atomic_write_text
+    from fsmis.evaluation.report import check_out_folder
 
     try:
+        check_out_folder(args.out, [args.base, *(a.split("=", 1)[-1] for a in args.arm)], "utility.json")
         base_path, base = _load(args.base)
         arms = {}
         for spec in args.arm:
@@ -167,16 +170,18 @@ def main(argv=None) -> int:
                                  f"{base.get('init')}): only genaug.* keys may differ")
             arms[name] = arm
         table = build(base, arms)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError) as exc:  # ReportError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    png = bar_chart(table, out / "utility.png")
+    final = Path(args.out)
     md = markdown(table)
-    atomic_write_text(out / "utility.md", f"# Utility of synthetic data (demo SD-FSMIS)\n\n{md}\n\n![utility]({png.name})\n")
-    atomic_write_json(out / "utility.json", {**table, "base": str(base_path), "arms": {n: a.get("overrides") for n, a in arms.items()}})
+    with atomic_directory(final) as out:  # the folder is complete or as it was
+        png = bar_chart(table, out / "utility.png")
+        atomic_write_text(out / "utility.md", f"# Utility of synthetic data (demo SD-FSMIS)\n\n{md}\n\n![utility]({png.name})\n")
+        atomic_write_json(out / "utility.json", {**table, "base": str(base_path),
+                                                 "arms": {n: a.get("overrides") for n, a in arms.items()}})
     print(md)
-    print(f"wrote {out / 'utility.md'}, {out / 'utility.json'} and {png}")
+    print(f"wrote {final / 'utility.md'}, {final / 'utility.json'} and {final / 'utility.png'}")
     return 0
 
 

@@ -10,7 +10,8 @@ fingerprint (a hash of the protocol block and the dataset; fsmis/evaluation/repo
 which keys); rows are ranked only against rows of the same fingerprint, rows under another protocol
 are marked, and the keys in which they differ are listed.
 
-Writes OUT/report.md, OUT/report.csv, OUT/report.json and OUT/report.png.
+Writes OUT/report.md, OUT/report.csv, OUT/report.json and OUT/report.png, as one folder (complete or
+not at all); --out must be a new or empty folder or an earlier report, never an input's folder.
 """
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ def main(argv=None) -> int:
     p.add_argument("--title", default="Comparison", help="report title")
     args = p.parse_args(argv)
 
-    from fsmis.evaluation.report import ReportError, build_report, markdown, write_report
+    from fsmis.evaluation.report import ReportError, build_report, check_out_folder, markdown, write_report
 
     if args.labels is not None and len(args.labels) != len(args.results):
         p.error(f"--labels: {len(args.labels)} labels for {len(args.results)} results files")
     try:
+        check_out_folder(args.out, args.results, "report.json")
         report = build_report(args.results, args.labels)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -216,12 +216,37 @@ def bar_chart(report: dict, path: Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
+def check_out_folder(out, inputs, marker: str) -> None:
+    """Refuse, before any work, an output folder that would overwrite an input or a foreign folder:
+    ``out`` may be new, empty, or an earlier output of the same tool (it holds ``marker``; it is then
+    replaced as a whole); it must not be or hold any of ``inputs``, nor lie inside an input folder."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file; give a folder")
+    for i in inputs:
+        src = Path(i).resolve()
+        # replacing OUT would delete an input inside it; writing into an input folder would mix outputs in it
+        if src == out or out in src.parents or (src.is_dir() and src in out.parents):
+            raise ReportError(f"--out {out} is, holds or lies inside the input folder {src}: choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise ReportError(f"--out {out} holds other files and no {marker}: it would be replaced; choose a new or "
+                          "empty folder")
+
+
 def write_report(report: dict, out, title: str = "Comparison") -> list[Path]:
     """OUT/report.md, OUT/report.csv, OUT/report.json (rows without the full results) and
-    OUT/report.png, each written atomically."""
+    OUT/report.png, written as one folder: OUT is complete or as it was."""
+    from ..atomic import atomic_directory
+
+    final = Path(out)
+    with atomic_directory(final) as out:
+        _write_report_files(report, out, title)
+    return [final / "report.md", final / "report.csv", final / "report.json", final / "report.png"]
+
+
+def _write_report_files(report: dict, out: Path, title: str) -> None:
     from ..atomic import atomic_write_json, atomic_write_text
 
-    out = Path(out)
     png = bar_chart(report, out / "report.png", title)
     md = f"# {title}\n\n" + markdown(report) + f"\n\n![per-class Dice]({png.name})\n"
     atomic_write_text(out / "report.md", md)
@@ -232,8 +257,7 @@ def write_report(report: dict, out, title: str = "Comparison") -> list[Path]:
             "mean_dice": r["results"]["mean_dice"], "std_dice": r["results"].get("std_dice"),
             "per_class": {c: {"mean": m, "std": s} for c, (m, s) in per_class_stats(r["results"]).items()},
             "method": r["results"].get("method")} for r in report["rows"]]})
-    return [out / "report.md", out / "report.csv", out / "report.json", png]
 
 
-__all__ = ["build_report", "write_report", "markdown", "csv_text", "bar_chart", "fingerprint", "protocol_identity",
+__all__ = ["build_report", "write_report", "check_out_folder", "markdown", "csv_text", "bar_chart", "fingerprint", "protocol_identity",
            "differing_keys", "ReportError", "load_results"]
