@@ -19,6 +19,27 @@ def _cmd(tmp_path, *options, overrides=()):
             "--min-steps", "3", "--quiet", *options]
 
 
+def _tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_baselines_tool", ROOT / "tools" / "demo_baselines.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_step_count_leaves_room_for_the_validations_and_checkpoints():
+    tool = _tool()
+    assert tool._checks(2700) == 4 and tool._checks(3250) == 5  # every quarter (812 steps), and the last step
+    # 1 s per step, no checks: the budget's steps, rounded down to 50
+    assert tool.steps_for_budget(1000.0, 1.0, 0.0) == 1000 and tool.steps_for_budget(1049.0, 1.0, 0.0) == 1000
+    # 25 s per validation and checkpoint: 4 checks of 900 steps take 100 s, 900 + 100 = 1000 fits; 950 does not
+    assert tool.steps_for_budget(1000.0, 1.0, 25.0) == 900
+    n = tool.steps_for_budget(903.0, 0.2, 12.0)
+    assert n * 0.2 + tool._checks(n) * 12.0 <= 903.0 < (n + 50) * 0.2 + tool._checks(n + 50) * 12.0
+    assert tool.steps_for_budget(10.0, 1.0, 100.0, min_steps=3) == 3  # nothing fits: the minimum
+
+
 def test_demo_baselines_end_to_end_and_reuse(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(_cmd(tmp_path), capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)

@@ -61,6 +61,9 @@ def test_a_new_method_trains_through_train_py_and_resumes_after_kill_9(tmp_path,
     assert summary["method"] == "_tiny_method:TinySegmenter" and summary["steps"] == 8
     assert [h["step"] for h in summary["history"]] == [3, 6, 8]  # validated with the canonical evaluator
     assert all(0.0 <= h["val_dice"] <= 1.0 for h in summary["history"])
+    # the time inside validation and checkpoint writing is counted apart, within the run's seconds
+    assert summary["seconds_validation"] > 0 and summary["seconds_checkpoints"] > 0
+    assert summary["seconds_validation"] + summary["seconds_checkpoints"] <= summary["seconds"] + 0.1
     assert list((tmp_path / "ref" / "tensorboard").iterdir())
     run = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(cfg_path, "--out", str(run)), cwd=ROOT, env=ENV,

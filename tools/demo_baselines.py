@@ -6,8 +6,10 @@ phantom, each trained at the wall-clock budget of the demo SD-FSMIS, in the repo
 1. the phantom CT (with supervoxels) and MR data of `make demo` (reused when present);
 2. the budget: the training seconds of make demo's SD-FSMIS run (WORK/run/train_summary.json) when
    it exists, else --budget (the 726 s make demo's training measured on 2 CPU cores);
-3. a calibration: each method trains --probe-steps steps (configs/<method>_demo.yaml), and its
-   step count is the budget divided by its measured seconds per step (rounded down to 50);
+3. a calibration: each method trains --probe-steps steps (configs/<method>_demo.yaml) and one
+   validation; its step count is the largest multiple of 50 whose steps, four validations and four
+   checkpoints (at every quarter of the run) fit the budget, from the probe's measured seconds per
+   step, per validation and per checkpoint;
 4. the trainings (train.py, one thread each, --parallel at a time: on this 2-core CPU two baselines
    train side by side, each for the budget's wall-clock seconds on one core), in WORK/baselines/<method>
    (a finished run is reused with its step count, no calibration);
@@ -49,6 +51,31 @@ BUDGET_KEYS = ("train.max_steps", "train.val_every", "train.ckpt_every")  # set 
 def _train_cmd(config: Path, out: Path, overrides: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--out", str(out), "--quiet",
             "--device", "cpu", *overrides]
+
+
+def _checks(steps: int) -> int:
+    """Validations (and checkpoints) of a run of ``steps``: every quarter, and the last step."""
+    every = max(1, steps // 4)
+    return steps // every + (1 if steps % every else 0)
+
+
+def steps_for_budget(budget: float, step_s: float, check_s: float, min_steps: int = STEP_ROUND,
+                     round_to: int = STEP_ROUND) -> int:
+    """The most steps (a multiple of ``round_to`` when that many fit) whose training time, ``step_s`` per step plus
+    ``check_s`` for each validation and checkpoint (:func:`_checks`), stays within ``budget`` seconds."""
+    def fits(n):
+        return n * step_s + _checks(n) * check_s <= budget
+
+    n = int(budget / step_s) if step_s > 0 else 0
+    big = n // round_to * round_to
+    while big >= round_to and not fits(big):  # the check count is not monotonic in n: test each candidate
+        big -= round_to
+    if big >= round_to:
+        return max(min_steps, big)
+    n = min(n, round_to - 1)
+    while n > 0 and not fits(n):
+        n -= 1
+    return max(min_steps, n)
 
 
 def _run_parallel(jobs: list[tuple[str, list[str]]], parallel: int, threads: int) -> dict[str, float]:
@@ -102,7 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=None,
                    help=f"training seconds per method (default: make demo's SD-FSMIS training time, else "
                         f"{DEFAULT_BUDGET_S:g})")
-    p.add_argument("--probe-steps", type=positive_int, default=20, help="calibration steps per method")
+    p.add_argument("--probe-steps", type=positive_int, default=40, help="calibration steps per method")
     p.add_argument("--min-steps", type=positive_int, default=STEP_ROUND, help="fewest training steps per method")
     p.add_argument("--parallel", type=positive_int, default=2, help="trainings side by side (one thread each)")
     p.add_argument("--threads", type=positive_int, default=1, help="threads per training")
@@ -139,7 +166,7 @@ def main(argv=None) -> int:
 
     base = [f"data.root={ct_dir}", *args.overrides]
     runs = {m: work / "baselines" / m for m in args.methods}
-    steps, probes = {}, {}
+    steps, probes, checks = {}, {}, {}
     for m, run in runs.items():
         done = _finished(run)
         if done is not None:
@@ -165,11 +192,13 @@ def main(argv=None) -> int:
                 shutil.rmtree(probe_dir / m)
         _run_parallel(jobs, args.parallel, args.threads)
         for m in todo:
-            sps = float(json.loads((probe_dir / m / "train_summary.json").read_text())["seconds"]) / args.probe_steps
-            probes[m] = sps
-            n = int(budget / sps)
-            steps[m] = max(args.min_steps, n // STEP_ROUND * STEP_ROUND if n >= STEP_ROUND else n)
-            print(f"{m}: {sps:.3f} s per step -> {steps[m]} steps")
+            # the probe's time less its one validation and checkpoint: the seconds of its steps alone
+            probe = json.loads((probe_dir / m / "train_summary.json").read_text())
+            check_s = float(probe["seconds_validation"]) + float(probe["seconds_checkpoints"])
+            sps = max(float(probe["seconds"]) - check_s, 0.0) / args.probe_steps
+            probes[m], checks[m] = sps, check_s
+            steps[m] = steps_for_budget(budget, sps, check_s, args.min_steps)
+            print(f"{m}: {sps:.3f} s per step, {check_s:.1f} s per validation and checkpoint -> {steps[m]} steps")
         timings["calibration_s"] = round(time.time() - t1, 1)
         # 4. the trainings
         t1 = time.time()
@@ -221,6 +250,7 @@ def main(argv=None) -> int:
         *sections, f"Timings (s): {json.dumps(timings)}", ""])
     atomic_write_json(out / "results.json", {**results, "baselines": {
         "budget_s": budget, "budget_source": budget_src, "steps": steps, "seconds_per_step": probes,
+        "seconds_per_check": checks,
         "parallel": args.parallel, "threads": args.threads, "timings": timings}})
     atomic_write_text(out / "report.md", report)
     print(report)

@@ -333,6 +333,7 @@ class Trainer:
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=f"train {cfg.name}",
                    unit="step", disable=not (self.progress and self.is_main))
         t0 = time.time()
+        spent = {"validation": 0.0, "checkpoints": 0.0}  # seconds inside validate() and save()
         try:
             while self.step < cfg.train.max_steps:
                 stats = self.train_step()
@@ -351,7 +352,9 @@ class Trainer:
                 ckpt_due = self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.max_steps
                 val_dice, is_best = None, False
                 if val_due or (ckpt_due and self.step == cfg.train.max_steps):
+                    tv = time.time()
                     val_dice = self.validate() if self.is_main else None
+                    spent["validation"] += time.time() - tv
                     if val_dice is not None:
                         is_best = val_dice > self.best
                         self.best = max(self.best, val_dice)
@@ -367,7 +370,9 @@ class Trainer:
                 if save_now:
                     rng_states = self._rng_states()
                     if self.is_main:
+                        tc = time.time()
                         self.save(val_dice, best=is_best, rng_states=rng_states)
+                        spent["checkpoints"] += time.time() - tc
                 if self.dist:
                     torch.distributed.barrier()
         finally:
@@ -375,6 +380,8 @@ class Trainer:
             if writer is not None:
                 writer.close()
         summary = {"method": cfg.method, "steps": self.step, "seconds": round(time.time() - t0, 1),
+                   "seconds_validation": round(spent["validation"], 2),
+                   "seconds_checkpoints": round(spent["checkpoints"], 2),
                    "best_val_dice": self.best, "history": self.history, "index": ck.read_index(self.run_dir),
                    **self.method.summary_facts(self.step)}
         if self.is_main:
