@@ -64,6 +64,7 @@ def test_a_new_method_trains_through_train_py_and_resumes_after_kill_9(tmp_path,
     # the time inside validation and checkpoint writing is counted apart, within the run's seconds
     assert summary["seconds_validation"] > 0 and summary["seconds_checkpoints"] > 0
     assert summary["seconds_validation"] + summary["seconds_checkpoints"] <= summary["seconds"] + 0.1
+    assert 0 < summary["seconds_per_step"] * summary["steps"] / 2 <= summary["seconds"]
     assert list((tmp_path / "ref" / "tensorboard").iterdir())
     run = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(cfg_path, "--out", str(run)), cwd=ROOT, env=ENV,

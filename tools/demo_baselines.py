@@ -8,8 +8,8 @@ phantom, each trained at the wall-clock budget of the demo SD-FSMIS, in the repo
    it exists, else --budget (the 726 s make demo's training measured on 2 CPU cores);
 3. a calibration: each method trains --probe-steps steps (configs/<method>_demo.yaml) and one
    validation; its step count is the largest multiple of 50 whose steps, four validations and four
-   checkpoints (at every quarter of the run) fit the budget, from the probe's measured seconds per
-   step, per validation and per checkpoint;
+   checkpoints (at every quarter of the run) fit the budget, from the probe's steady-state seconds
+   per step (the mean over its second half) and its seconds per validation and checkpoint;
 4. the trainings (train.py, one thread each, --parallel at a time: on this 2-core CPU two baselines
    train side by side, each for the budget's wall-clock seconds on one core), in WORK/baselines/<method>
    (a finished run is reused with its step count, no calibration);
@@ -192,10 +192,11 @@ def main(argv=None) -> int:
                 shutil.rmtree(probe_dir / m)
         _run_parallel(jobs, args.parallel, args.threads)
         for m in todo:
-            # the probe's time less its one validation and checkpoint: the seconds of its steps alone
+            # the probe's steady-state seconds per step (its warm-up steps left out), and its one validation
+            # and checkpoint
             probe = json.loads((probe_dir / m / "train_summary.json").read_text())
             check_s = float(probe["seconds_validation"]) + float(probe["seconds_checkpoints"])
-            sps = max(float(probe["seconds"]) - check_s, 0.0) / args.probe_steps
+            sps = float(probe["seconds_per_step"])
             probes[m], checks[m] = sps, check_s
             steps[m] = steps_for_budget(budget, sps, check_s, args.min_steps)
             print(f"{m}: {sps:.3f} s per step, {check_s:.1f} s per validation and checkpoint -> {steps[m]} steps")

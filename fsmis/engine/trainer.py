@@ -334,9 +334,12 @@ class Trainer:
                    unit="step", disable=not (self.progress and self.is_main))
         t0 = time.time()
         spent = {"validation": 0.0, "checkpoints": 0.0}  # seconds inside validate() and save()
+        step_times = []
         try:
             while self.step < cfg.train.max_steps:
+                ts = time.time()
                 stats = self.train_step()
+                step_times.append(time.time() - ts)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
                 if writer is not None and (self.step % cfg.train.log_every == 0 or self.step == 1):
@@ -382,6 +385,10 @@ class Trainer:
         summary = {"method": cfg.method, "steps": self.step, "seconds": round(time.time() - t0, 1),
                    "seconds_validation": round(spent["validation"], 2),
                    "seconds_checkpoints": round(spent["checkpoints"], 2),
+                   # the steady state: the mean step over the second half of this session's steps (warm-up,
+                   # validation and checkpoints excluded)
+                   "seconds_per_step": (round(sum(step_times[len(step_times) // 2:])
+                                              / len(step_times[len(step_times) // 2:]), 5) if step_times else None),
                    "best_val_dice": self.best, "history": self.history, "index": ck.read_index(self.run_dir),
                    **self.method.summary_facts(self.step)}
         if self.is_main:
