@@ -122,10 +122,13 @@ def main(argv=None) -> int:
     if bad_folds:
         parser.error(f"--folds {' '.join(map(str, bad_folds))}: out of range 0..{args.n_folds - 1} "
                      f"(--n-folds {args.n_folds})")
-    if args.preset == "released":
-        args.protocol = args.protocol or "legacy"
-        args.supp_idx = 2 if args.supp_idx is None else args.supp_idx
-        args.support_mode = args.support_mode or "3shot"
+    if args.preset == "released":  # the preset's evaluation switches (fsmis.config.PRESETS), then the script's Dice
+        from fsmis.config import PRESETS
+
+        rel = PRESETS["released"]
+        args.protocol = args.protocol or rel["data.protocol"]
+        args.supp_idx = rel["data.supp_idx"] if args.supp_idx is None else args.supp_idx
+        args.support_mode = args.support_mode or rel["eval.support"]
         args.dice = args.dice or "pooled"
         args.released_slice_metrics = True
     args.dice = args.dice or "per_volume"

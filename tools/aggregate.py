@@ -27,6 +27,7 @@ def main(argv=None) -> int:
 
     from fsmis.atomic import atomic_write_json
     from fsmis.evaluation.protocol import mean_std_over_runs
+    from fsmis.evaluation.report import PROTOCOL_DEFAULTS
 
     runs = []
     for r in args.results:
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
         runs.append((path, json.loads(path.read_text())))
     ref_path, ref = runs[0]
     def protocol(res):  # results written before synthetic supports existed had none
-        return {"synthetic_support": 0, "support_from_mask": None, "released_slice_metrics": False, "preset": None,
+        return {**PROTOCOL_DEFAULTS, "released_slice_metrics": False,
                 **{k: v for k, v in res["protocol"].items() if k not in IGNORED}}
 
     ref_proto = protocol(ref)
