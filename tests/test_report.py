@@ -111,3 +111,36 @@ def test_cli_refuses_an_output_folder_that_is_an_input_or_foreign(results, tmp_p
                            capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.json", "report.md", "report.png"]
+
+
+def _aggregate(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "aggregate.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_aggregate_averages_runs_of_one_protocol_and_one_dataset_only(results, tmp_path):
+    res = json.loads(results["copy01"].read_text())
+    out = tmp_path / "agg.json"
+    r = _aggregate(results["copy01"], results["copy0"], "--out", out)
+    assert r.returncode == 0, r.stderr  # the folds evaluated may differ
+    agg = json.loads(out.read_text())
+    means = [json.loads(results[k].read_text())["mean_dice"] for k in ("copy01", "copy0")]
+    assert agg["mean_dice"]["mean"] == pytest.approx(np.mean(means))
+    assert agg["dataset"]["name"] == res["dataset"]["name"] and len(agg["runs"]) == 2
+    # the same protocol on another dataset (another modality, another number of cases) is refused
+    for key, value in (("modality", "MR" if res["dataset"]["modality"] != "MR" else "CT"),
+                       ("n_cases", res["dataset"]["n_cases"] + 1), ("name", "other")):
+        other = json.loads(json.dumps(res))
+        other["dataset"][key] = value
+        path = tmp_path / f"other_{key}.json"
+        path.write_text(json.dumps(other))
+        r = _aggregate(results["copy01"], path, "--out", tmp_path / f"agg_{key}.json")
+        assert r.returncode == 2 and f"dataset.{key}" in r.stderr and path.name in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / f"agg_{key}.json").exists()
+    # and another protocol switch too
+    other = json.loads(json.dumps(res))
+    other["protocol"]["synthetic_support"] = 2
+    path = tmp_path / "other_protocol.json"
+    path.write_text(json.dumps(other))
+    r = _aggregate(results["copy01"], path)
+    assert r.returncode == 2 and "protocol.synthetic_support" in r.stderr, r.stderr

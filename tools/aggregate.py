@@ -4,8 +4,9 @@ mean ± std per class.
 
   python tools/aggregate.py results/seed*/results.json --out results/summary.json
 
-Refuses to mix runs whose protocol differs (every switch but the folds evaluated must match),
-so a table never averages numbers produced under different protocols.
+Refuses to mix runs whose protocol or dataset differs (every protocol switch but the folds
+evaluated must match, and so must the dataset's name, modality, number of cases and test classes),
+so a table never averages numbers produced under different protocols or on different data.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
 
     from fsmis.atomic import atomic_write_json
     from fsmis.evaluation.protocol import mean_std_over_runs
-    from fsmis.evaluation.report import PROTOCOL_DEFAULTS
+    from fsmis.evaluation.report import PROTOCOL_DEFAULTS, protocol_identity
 
     runs = []
     for r in args.results:
@@ -37,20 +38,24 @@ def main(argv=None) -> int:
             return 2
         runs.append((path, json.loads(path.read_text())))
     ref_path, ref = runs[0]
-    def protocol(res):  # results written before synthetic supports existed had none
-        return {**PROTOCOL_DEFAULTS, "released_slice_metrics": False,
-                **{k: v for k, v in res["protocol"].items() if k not in IGNORED}}
 
-    ref_proto = protocol(ref)
+    def identity(res):  # results written before synthetic supports existed had none
+        proto = {**PROTOCOL_DEFAULTS, "released_slice_metrics": False,
+                 **{k: v for k, v in res["protocol"].items() if k not in IGNORED}}
+        return {**{f"protocol.{k}": v for k, v in proto.items()},
+                **{f"dataset.{k}": v for k, v in protocol_identity(res)["dataset"].items()}}
+
+    ref_id = identity(ref)
     for path, res in runs[1:]:
-        proto = protocol(res)
-        diff = sorted(k for k in set(proto) | set(ref_proto) if proto.get(k) != ref_proto.get(k))
+        rid = identity(res)
+        diff = sorted(k for k in set(rid) | set(ref_id) if rid.get(k) != ref_id.get(k))
         if diff:
-            print(f"error: {path} was produced under another protocol than {ref_path} ({', '.join(diff)})",
-                  file=sys.stderr)
+            print(f"error: {path} was produced under another protocol or on other data than {ref_path} "
+                  f"({', '.join(diff)})", file=sys.stderr)
             return 2
     agg = mean_std_over_runs([r for _, r in runs])
-    agg["protocol"] = ref_proto
+    agg["protocol"] = {k.split(".", 1)[1]: v for k, v in ref_id.items() if k.startswith("protocol.")}
+    agg["dataset"] = protocol_identity(ref)["dataset"]
     agg["runs"] = [str(p) for p, _ in runs]
     classes = list(agg["per_class"])
     print("| | " + " | ".join(classes) + " | mean |")
