@@ -57,3 +57,41 @@ def test_utility_refuses_an_input_folder_as_output(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "genaug_utility.py"), "--base", str(base), "--out",
                         str(base / "table")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "input folder" in r.stderr and not (base / "table").exists()
+
+
+def test_a_sweep_run_in_parts_is_one_input(tmp_path):
+    tt = {"synthetic_support": 2, "generator_ct": "a"}
+    v = {"synthetic_support": _res(0.1, 0.2)}
+    b1 = _write(tmp_path / "b1", {"0": (0.5, 0.5), "1": (0.6, 0.4)}, variants={"0": v, "1": v}, test_time=tt)
+    b2 = _write(tmp_path / "b2", {"2": (0.7, 0.3)}, variants={"2": v}, test_time={**tt, "generator_ct": "b"})
+    a1 = _write(tmp_path / "a1", {"0": (0.6, 0.4), "1": (0.5, 0.5)}, overrides=["genaug.ratio=0.25", "genaug.data=[x]"])
+    a2 = _write(tmp_path / "a2", {"2": (0.8, 0.2)}, overrides=["genaug.ratio=0.25", "genaug.data=[y]"])
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "genaug_utility.py"), *map(str, args)],
+                              capture_output=True, text=True, cwd=ROOT)
+
+    out = tmp_path / "out"
+    r = run("--base", b1, "--base", b2, "--arm", f"episodes={a1},{a2}", "--out", out)
+    assert r.returncode == 0, r.stderr
+    table = json.loads((out / "utility.json").read_text())
+    assert table["seeds"] == ["0", "1", "2"]
+    assert table["rows"][1]["in"] == {"0": 60.0, "1": 50.0, "2": 80.0}
+    assert len(table["arms"]["episodes"]["parts"]) == 2 and len(table["base"]) == 2
+    # the same NAME twice is the same as NAME=DIR,DIR
+    r = run("--base", b1, "--base", b2, "--arm", f"episodes={a1}", "--arm", f"episodes={a2}", "--out", out)
+    assert r.returncode == 0 and json.loads((out / "utility.json").read_text())["rows"][1] == table["rows"][1]
+    # a seed given by two parts is refused
+    r = run("--base", b1, "--base", b1, "--out", tmp_path / "o1")
+    assert r.returncode == 2 and "seed(s) 0, 1 already given" in r.stderr and not (tmp_path / "o1").exists()
+    # a part on other data (support-copy differs) or with another recipe is refused
+    d = json.loads((b2 / "seeds.json").read_text())
+    d["support_copy"]["in_domain"]["mean"] = 0.1
+    b3 = tmp_path / "b3"
+    b3.mkdir()
+    (b3 / "seeds.json").write_text(json.dumps(d))
+    r = run("--base", b1, "--base", b3, "--out", tmp_path / "o2")
+    assert r.returncode == 2 and "support-copy's Dice differs" in r.stderr
+    a3 = _write(tmp_path / "a3", {"2": (0.8, 0.2)}, overrides=["genaug.ratio=0.5", "genaug.data=[y]"])
+    r = run("--base", b1, "--arm", f"episodes={a1},{a3}", "--out", tmp_path / "o3")
+    assert r.returncode == 2 and "overrides differ" in r.stderr and "genaug.ratio=0.5" in r.stderr

@@ -10,6 +10,12 @@ without it, over the same training seeds, from `tools/seeds.py` outputs.
 --synthetic-support M and --mask-support (its test-time variants become rows); each --arm: a
 seeds.py folder trained with synthetic episodes (same config, seeds and step count; the overrides
 recorded in its seeds.json must differ from the base's only in genaug.* keys, else it is refused).
+
+A sweep that ran in parts (some seeds in one seeds.py folder, the rest in another) is one input:
+give --base several times, or an arm as NAME=DIR,DIR,... (or the same NAME several times). The
+parts' seeds are merged; parts must agree on the config, the initialisation, the overrides
+(genaug.data aside: each part names its own copy of the synthetic folder), the test-time variants
+and support-copy's numbers (the same data), and a seed may appear in one part only.
 Per seed: in-domain / cross-domain mean Dice; per row: median and range over the seeds, and on how
 many seeds the row beats the base model (paired by seed). Only seeds present in every input are
 used, and the table says which.
@@ -37,6 +43,46 @@ def _load(path: str) -> tuple[Path, dict]:
 
 def _non_genaug(overrides) -> list[str]:
     return sorted(o for o in overrides or [] if not str(o).startswith("genaug."))
+
+
+def _recipe(overrides) -> list[str]:
+    """The overrides that decide the training recipe: all but the synthetic folder's path."""
+    return sorted(o for o in overrides or [] if not str(o).startswith("genaug.data="))
+
+
+def _sc_means(d: dict) -> list:
+    sc = d.get("support_copy", {})
+    mask = sc.get("variants", {}).get("mask_support", {}).get("cross_domain", {}).get("mean")
+    return [sc.get("in_domain", {}).get("mean"), sc.get("cross_domain", {}).get("mean"), mask]
+
+
+def load_parts(paths: list[str]) -> tuple[str, dict]:
+    """One input from one or more seeds.json (the parts of one sweep), merged; a label of its paths."""
+    import math
+
+    loaded = [_load(p) for p in paths]
+    first_path, merged = loaded[0]
+    merged = {**merged, "seeds": dict(merged["seeds"]), "parts": [str(first_path)]}
+    for path, d in loaded[1:]:
+        checks = {"config": (Path(str(d.get("config"))).name, Path(str(merged.get("config"))).name),
+                  "init": (d.get("init"), merged.get("init")),
+                  "overrides": (_recipe(d.get("overrides")), _recipe(merged.get("overrides"))),
+                  "test-time variants": ({k: v for k, v in (d.get("test_time") or {}).items() if not k.startswith("generator")},
+                                         {k: v for k, v in (merged.get("test_time") or {}).items()
+                                          if not k.startswith("generator")})}
+        for what, (a, b) in checks.items():
+            if a != b:
+                raise ValueError(f"{path} and {first_path} are not parts of one sweep: {what} differ ({a} vs {b})")
+        if not all((x is None and y is None) or (x is not None and y is not None and math.isclose(x, y, abs_tol=1e-6))
+                   for x, y in zip(_sc_means(d), _sc_means(merged))):
+            raise ValueError(f"{path} and {first_path} are not parts of one sweep: support-copy's Dice differs "
+                             f"({_sc_means(d)} vs {_sc_means(merged)}), so the data differ")
+        twice = sorted(set(d["seeds"]) & set(merged["seeds"]), key=int)
+        if twice:
+            raise ValueError(f"{path}: seed(s) {', '.join(twice)} already given by another part of this input")
+        merged["seeds"].update(d["seeds"])
+        merged["parts"].append(str(path))
+    return " + ".join(merged["parts"]), merged
 
 
 def build(base: dict, arms: dict[str, dict]) -> dict:
@@ -146,9 +192,11 @@ def bar_chart(table: dict, path: Path) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="seeds.py folder of the model without synthetic data")
-    p.add_argument("--arm", action="append", default=[], metavar="NAME=DIR",
-                   help="a seeds.py folder trained with synthetic episodes (repeatable)")
+    p.add_argument("--base", required=True, action="append",
+                   help="seeds.py folder of the model without synthetic data (repeat for the parts of one sweep)")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=DIR[,DIR...]",
+                   help="a seeds.py folder trained with synthetic episodes (repeatable; several folders, or the "
+                        "same NAME again, are the parts of one sweep)")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
 
@@ -156,14 +204,17 @@ def main(argv=None) -> int:
     from fsmis.evaluation.report import check_out_folder
 
     try:
-        check_out_folder(args.out, [args.base, *(a.split("=", 1)[-1] for a in args.arm)], "utility.json")
-        base_path, base = _load(args.base)
-        arms = {}
+        arm_parts: dict[str, list[str]] = {}
         for spec in args.arm:
             if "=" not in spec:
                 raise ValueError(f"--arm {spec!r}: expected NAME=DIR")
-            name, path = spec.split("=", 1)
-            arm_path, arm = _load(path)
+            name, paths = spec.split("=", 1)
+            arm_parts.setdefault(name, []).extend(x for x in paths.split(",") if x)
+        check_out_folder(args.out, [*args.base, *(x for v in arm_parts.values() for x in v)], "utility.json")
+        base_path, base = load_parts(args.base)
+        arms = {}
+        for name, paths in arm_parts.items():
+            arm_path, arm = load_parts(paths)
             if _non_genaug(arm.get("overrides")) != _non_genaug(base.get("overrides")) or arm.get("init") != base.get("init"):
                 raise ValueError(f"{arm_path}: trained with other settings than {base_path} (overrides "
                                  f"{arm.get('overrides')} vs {base.get('overrides')}, init {arm.get('init')} vs "
@@ -177,9 +228,13 @@ def main(argv=None) -> int:
     md = markdown(table)
     with atomic_directory(final) as out:  # the folder is complete or as it was
         png = bar_chart(table, out / "utility.png")
-        atomic_write_text(out / "utility.md", f"# Utility of synthetic data (demo SD-FSMIS)\n\n{md}\n\n![utility]({png.name})\n")
-        atomic_write_json(out / "utility.json", {**table, "base": str(base_path),
-                                                 "arms": {n: a.get("overrides") for n, a in arms.items()}})
+        inputs = "\n".join([f"- SD-FSMIS: {base_path}", *(f"- {n}: {' + '.join(a['parts'])}"
+                                                           for n, a in arms.items())])
+        atomic_write_text(out / "utility.md", f"# Utility of synthetic data (demo SD-FSMIS)\n\n{md}\n\n"
+                                              f"![utility]({png.name})\n\nInputs (seeds.json):\n\n{inputs}\n")
+        atomic_write_json(out / "utility.json", {**table, "base": base["parts"],
+                                                 "arms": {n: {"overrides": a.get("overrides"), "parts": a["parts"]}
+                                                          for n, a in arms.items()}})
     print(md)
     print(f"wrote {final / 'utility.md'}, {final / 'utility.json'} and {final / 'utility.png'}")
     return 0
