@@ -152,9 +152,14 @@ def markdown(table: dict) -> str:
             wins = (f"{wi} of {len(seeds)}" if r["in"] else "–") + " / " + (f"{wc} of {len(seeds)}" if r["cross"] else "–")
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {rng(_stats(r['in']))} | {rng(_stats(r['cross']))} | {wins} |")
     sc = table["support_copy"]
-    lines.append(f"| support-copy | {sc['in']:.2f} / {sc['cross']:.2f}" + " |" * len(seeds) + " | |")
+    blank = [""] * (len(seeds) + 2)  # one value per row: the method has no training seed
+
+    def row(name, value):
+        return "| " + " | ".join([name, value, *blank]) + " |"
+
+    lines.append(row("support-copy", f"{sc['in']:.2f} / {sc['cross']:.2f}"))
     if sc.get("cross_from_ct_masks") is not None:
-        lines.append(f"| support-copy of the CT masks | – / {sc['cross_from_ct_masks']:.2f}" + " |" * len(seeds) + " | |")
+        lines.append(row("support-copy of the CT masks", f"– / {sc['cross_from_ct_masks']:.2f}"))
     lines += ["", f"Per seed: in-domain (phantom CT fold 0) / cross-domain (CT -> MR, 5 folds) mean Dice (%), canonical "
                   f"protocol, EP1, per-volume 3D Dice; training seeds {', '.join(seeds)}; a row beats SD-FSMIS on a "
                   "seed when its Dice is higher than the plain model's of the same seed."]
