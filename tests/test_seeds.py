@@ -75,3 +75,39 @@ def test_seeds_test_time_variants(tmp_path):
     assert "mr" in json.dumps(mr_cfg).lower()
     text = (tmp_path / "out" / "seeds.md").read_text()
     assert "synthetic support (M = 1)" in text and "supports generated from CT masks" in text
+
+
+def test_seeds_on_a_card_mri_folder(tmp_path):
+    """--cmr DATA: make demo-cmr's recipe (configs/demo_cmr.yaml, random UNet, self-supervised on
+    supervoxels), in-domain fold 0 only; its synthetic supports come from the label-free generator
+    trained on DATA itself. An MR phantom with supervoxels stands in for the Card-MRI folder."""
+    from fsmis.data.phantom import make_phantom_dataset
+
+    data = tmp_path / "cmr"
+    make_phantom_dataset(data, modality="mr", n_cases=5, seed=3, shape=(10, 64, 64), supervoxels=True, progress=False)
+    extra = [a for a in TINY if a not in ("--cases", "5", "--shape", "10,48,48")]
+    extra = [a.replace("data.image_size=32", "data.image_size=64") for a in extra]
+    cmd = [sys.executable, str(ROOT / "tools" / "seeds.py"), "--cmr", str(data), "--out", str(tmp_path / "out"),
+           "--work", str(tmp_path / "work"), "--seeds", "0", "--synthetic-support", "1",
+           "--gen-set", "model.sample_steps=2", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "seeds.json").read_text())
+    assert res["dataset"] == "cmr" and res["splits"] == {"in_domain": "Card-MRI fold 0"}
+    assert Path(res["config"]).name == "demo_cmr.yaml" and res["init"] == "random"
+    r = res["seeds"]["0"]
+    assert "in_domain" in r and "cross_domain" not in r and "cross_domain" not in res["support_copy"]
+    assert set(r["variants"]["synthetic_support"]) == {"in_domain", "label"}
+    assert Path(res["test_time"]["generator_ct"]) == tmp_path / "work" / "generator"
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "out" / "runs" / "seed0" / "config.yaml").read_text())
+    assert cfg["data"]["labels"] == "supervoxel" and cfg["model"].get("unet_init") in (None, "")
+    assert Path(cfg["data"]["root"]) == data and (tmp_path / "work" / "vae") in Path(cfg["model"]["vae_path"]).parents
+    text = (tmp_path / "out" / "seeds.md").read_text()
+    assert "SD-FSMIS over 1 seeds" in text and "synthetic support (M = 1)" in text
+    # supports generated from the CT phantom's masks have no meaning on Card-MRI
+    proc = subprocess.run([*cmd[:2], "--cmr", str(data), "--mask-support", "--out", str(tmp_path / "o2")],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and "--mask-support" in proc.stderr and not (tmp_path / "o2").exists()

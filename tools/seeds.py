@@ -29,6 +29,14 @@ supervoxels, WORK/generator_mr). Synthetic training episodes are overrides like 
 (``genaug.data=[DIR] genaug.ratio=0.25``).
 
   python tools/seeds.py --seeds 0 1 2 3 4 --out results/seeds_syn --synthetic-support 2 --mask-support
+
+``--cmr DATA`` runs the same sweep on the real Card-MRI (the published folder, as ``make demo-cmr``):
+configs/demo_cmr.yaml self-supervised on fold 0 from a random UNet (unless --config / --init),
+the Card-MRI demo VAE and, where needed, the label-free Card-MRI demo generator cached in --work
+(default checkpoints/demo-cmr, shared with make demo-cmr); scored in-domain only (fold 0). Its
+--synthetic-support variants come from that generator; --mask-support has no meaning there.
+
+  python tools/seeds.py --cmr ../data/cmr --seeds 0 1 2 3 4 --out results/seeds_cmr --synthetic-support 2
 """
 from __future__ import annotations
 
@@ -50,6 +58,18 @@ def _stats(values):
     return {"median": float(np.median(v)), "min": v[0], "max": v[-1], "n": len(v)}
 
 
+def _dice(r: dict, split: str) -> str:
+    """Mean Dice (%) of one split, or "–" where the sweep has no such split (Card-MRI: no cross-domain)."""
+    return f"{100 * r[split]['mean']:.2f}" if split in r else "–"
+
+
+def _range(values) -> str:
+    if not values:
+        return "–"
+    st = _stats(values)
+    return f"{st['median']:.2f} ({st['min']:.2f}-{st['max']:.2f})"
+
+
 def table(results: dict, baseline: dict) -> str:
     seeds = sorted(results, key=int)
     classes = list(baseline["in_domain"]["per_class"])
@@ -60,20 +80,19 @@ def table(results: dict, baseline: dict) -> str:
         r = results[s]
         best = max(r["history"], key=lambda h: h["val_dice"]) if r["history"] else None
         lines.append(f"| {s} | " + " | ".join(f"{100 * r['in_domain']['per_class'][c]:.2f}" for c in classes)
-                     + f" | {100 * r['in_domain']['mean']:.2f} | {100 * r['cross_domain']['mean']:.2f} | "
+                     + f" | {100 * r['in_domain']['mean']:.2f} | {_dice(r, 'cross_domain')} | "
                      + (f"{best['val_dice']:.3f} ({best['step']})" if best else "–") + " | "
                      + ("yes" if r["in_domain"]["mean"] > baseline["in_domain"]["mean"] else "**no**") + " |")
     b = baseline
     lines.append("| support-copy | " + " | ".join(f"{100 * b['in_domain']['per_class'][c]:.2f}" for c in classes)
-                 + f" | {100 * b['in_domain']['mean']:.2f} | {100 * b['cross_domain']['mean']:.2f} | | |")
-    ins = _stats([100 * results[s]["in_domain"]["mean"] for s in seeds])
-    cross = _stats([100 * results[s]["cross_domain"]["mean"] for s in seeds])
+                 + f" | {100 * b['in_domain']['mean']:.2f} | {_dice(b, 'cross_domain')} | | |")
+    ins = _range([100 * results[s]["in_domain"]["mean"] for s in seeds])
+    cross = _range([100 * results[s]["cross_domain"]["mean"] for s in seeds if "cross_domain" in results[s]])
     wins = sum(results[s]["in_domain"]["mean"] > b["in_domain"]["mean"] for s in seeds)
-    lines += ["", f"SD-FSMIS over {len(seeds)} seeds: in-domain median {ins['median']:.2f} (range "
-              f"{ins['min']:.2f}-{ins['max']:.2f}), cross-domain median {cross['median']:.2f} (range "
-              f"{cross['min']:.2f}-{cross['max']:.2f}); beats support-copy in-domain for {wins} of {len(seeds)} seeds "
-              f"(support-copy {100 * b['in_domain']['mean']:.2f} in-domain, {100 * b['cross_domain']['mean']:.2f} "
-              "cross-domain). Mean Dice (%), canonical protocol, EP1, 1-shot, per-volume 3D Dice."]
+    lines += ["", f"SD-FSMIS over {len(seeds)} seeds: in-domain median (range) {ins}, cross-domain {cross}; beats "
+              f"support-copy in-domain for {wins} of {len(seeds)} seeds (support-copy {_dice(b, 'in_domain')} "
+              f"in-domain, {_dice(b, 'cross_domain')} cross-domain). Mean Dice (%), canonical protocol, EP1, 1-shot, "
+              "per-volume 3D Dice."]
     return "\n".join(lines)
 
 
@@ -90,13 +109,11 @@ def threshold_table(results: dict, baseline: dict) -> str:
         got = [results[s]["by_threshold_ratio"].get(f"{ratio:g}") for s in seeds]
         if any(g is None for g in got):
             continue
-        ins = _stats([100 * g["in_domain"]["mean"] for g in got])
-        cross = _stats([100 * g["cross_domain"]["mean"] for g in got])
+        ins = _range([100 * g["in_domain"]["mean"] for g in got])
+        cross = _range([100 * g["cross_domain"]["mean"] for g in got if "cross_domain" in g])
         wins = sum(g["in_domain"]["mean"] > baseline["in_domain"]["mean"] for g in got)
-        lines.append(f"| {ratio:g} | " + " | ".join(f"{100 * g['in_domain']['mean']:.2f} / {100 * g['cross_domain']['mean']:.2f}"
-                                                 for g in got)
-                     + f" | {ins['median']:.2f} ({ins['min']:.2f}-{ins['max']:.2f}) | {cross['median']:.2f} "
-                       f"({cross['min']:.2f}-{cross['max']:.2f}) | {wins} of {len(got)} |")
+        lines.append(f"| {ratio:g} | " + " | ".join(f"{_dice(g, 'in_domain')} / {_dice(g, 'cross_domain')}" for g in got)
+                     + f" | {ins} | {cross} | {wins} of {len(got)} |")
     lines += ["", "Per seed: in-domain / cross-domain mean Dice (%) of the same trained model with each "
               "post-processing threshold ratio (× the chunk maximum)."]
     return "\n".join(lines)
@@ -121,12 +138,7 @@ def variant_table(results: dict, baseline: dict) -> str:
             ins += [] if i is None else [100 * i]
             cross += [] if c is None else [100 * c]
 
-        def rng(v):
-            if not v:
-                return "–"
-            st = _stats(v)
-            return f"{st['median']:.2f} ({st['min']:.2f}-{st['max']:.2f})"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rng(ins)} | {rng(cross)} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_range(ins)} | {_range(cross)} |")
 
     row("SD-FSMIS, real 1-shot support", [results[s] for s in seeds])
     for n in names:
@@ -136,13 +148,32 @@ def variant_table(results: dict, baseline: dict) -> str:
         extra = results[seeds[0]]["variants"][n].get("label", "")
         row(f"SD-FSMIS, {label.get(n, n)}{extra}", got)
     b = baseline
-    lines.append(f"| support-copy, real support | {100 * b['in_domain']['mean']:.2f} / {100 * b['cross_domain']['mean']:.2f} "
+    lines.append(f"| support-copy, real support | {_dice(b, 'in_domain')} / {_dice(b, 'cross_domain')} "
                  + "| " * (len(seeds) - 1) + "| | |")
     if "mask_support" in b.get("variants", {}):
         lines.append(f"| support-copy of the CT masks | – / {100 * b['variants']['mask_support']['cross_domain']['mean']:.2f} "
                      + "| " * (len(seeds) - 1) + "| | |")
     lines += ["", "Per seed: in-domain / cross-domain mean Dice (%) of the same trained model evaluated with each support."]
     return "\n".join(lines)
+
+
+def cmr_parts(args, D, data: Path, generator: bool):
+    """make demo-cmr's demo VAE (WORK/vae) and, with ``generator``, its label-free demo generator
+    (WORK/generator), each reused when cached: (vae_dir, generator run or None, its summary or None)."""
+    from demo_cmr import DEMO_VAE_STEPS
+
+    from fsmis.config import load_config
+    from fsmis.methods.autoencoder import ensure_autoencoder
+
+    work, progress = Path(args.work), not args.quiet
+    size = load_config(Path(args.config), [f"data.root={data}", *args.overrides]).data.image_size
+    vae_cfg = D.demo_vae_config(args.vae_config, data, args.vae_steps or DEMO_VAE_STEPS, size)
+    vae_dir, _ = ensure_autoencoder(vae_cfg, work / "vae", progress=progress)
+    if not generator:
+        return vae_dir, None, None
+    _, summary = D.ensure_generator(args.generator_config, data, vae_dir, size, args.gen_steps, work / "generator",
+                                    progress, args.gen_set)
+    return vae_dir, work / "generator", summary
 
 
 def main(argv=None) -> int:
@@ -152,8 +183,14 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds (default 0-4)")
     p.add_argument("--out", default="results/seeds", help="output folder (runs in OUT/runs/seed<k>)")
     p.add_argument("--data", default="datasets/phantom", help="phantom data folder (ct/ and mr/ inside)")
-    p.add_argument("--work", default="checkpoints/demo", help="where the demo VAE is cached")
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="SD-FSMIS config")
+    p.add_argument("--cmr", metavar="DATA", default=None,
+                   help="the Card-MRI folder (cmr_MR_normalized/, or a folder holding it): the sweep on Card-MRI "
+                        "fold 0 instead of the phantom (see above)")
+    p.add_argument("--work", default=None,
+                   help="where the demo VAE and generators are cached (default checkpoints/demo, with --cmr "
+                        "checkpoints/demo-cmr)")
+    p.add_argument("--config", default=None,
+                   help="SD-FSMIS config (default configs/demo.yaml, with --cmr configs/demo_cmr.yaml)")
     p.add_argument("--vae-config", default=str(ROOT / "configs" / "demo_vae.yaml"))
     p.add_argument("--cases", type=int, default=10, help="phantom cases per modality")
     p.add_argument("--shape", type=D._shape, default=None, metavar="Z,Y,X",
@@ -165,10 +202,16 @@ def main(argv=None) -> int:
                    help="also score each seed with M generated variants per support slice (no retraining)")
     p.add_argument("--mask-support", action="store_true",
                    help="also score MR queries with supports generated from the CT label masks (no retraining)")
-    D.add_init_arguments(p)
+    D.add_init_arguments(p, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the SD-FSMIS config (the recipe under test)")
     args = p.parse_args(argv)
+    cmr = args.cmr is not None
+    args.work = args.work or ("checkpoints/demo-cmr" if cmr else "checkpoints/demo")
+    args.config = args.config or str(ROOT / "configs" / ("demo_cmr.yaml" if cmr else "demo.yaml"))
+    args.init = args.init or ("random" if cmr else "generator")  # as make demo-cmr / make demo
+    if cmr and args.mask_support:
+        p.error("--mask-support scores MR queries with supports made from the CT phantom's masks: not with --cmr")
 
     from fsmis.atomic import atomic_write_json, atomic_write_text
     from fsmis.config import ConfigError
@@ -182,17 +225,29 @@ def main(argv=None) -> int:
     out = Path(args.out)
     try:
         test_time = bool(args.synthetic_support or args.mask_support)
-        # the MR generator of the test-time variants is label-free (the MR phantom's supervoxels)
-        parts = D.ensure_demo_parts(args, generator=args.init == "generator" or test_time, mr_generator=test_time)
-        ct_dir, mr_dir, vae_dir, gen_ct, gen_mr = parts.ct_dir, parts.mr_dir, parts.vae_dir, parts.gen_ct, parts.gen_mr
+        need_generator = args.init == "generator" or test_time
+        if cmr:  # make demo-cmr's VAE and label-free generator, on the training data itself
+            train_dir, gen_mr = Path(args.cmr), None
+            ct = open_dataset(train_dir)  # fails here, naming the folder, when it is not a dataset
+            vae_dir, gen_ct, gen_summary = cmr_parts(args, D, train_dir, need_generator)
+            splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[0], surface_metrics=False))}
+            described = {"in_domain": "Card-MRI fold 0"}
+        else:
+            # the MR generator of the test-time variants is label-free (the MR phantom's supervoxels)
+            parts = D.ensure_demo_parts(args, generator=need_generator, mr_generator=test_time)
+            train_dir, mr_dir, vae_dir, gen_ct, gen_mr = parts.ct_dir, parts.mr_dir, parts.vae_dir, parts.gen_ct, parts.gen_mr
+            gen_summary = parts.gen_summary
+            ct, mr = open_dataset(train_dir), open_dataset(mr_dir)
+            splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[0], surface_metrics=False)),
+                      "cross_domain": (mr, ProtocolConfig(surface_metrics=False))}
+            described = {"in_domain": "phantom CT fold 0", "cross_domain": "CT -> MR, 5 folds"}
+        # test-time variants: each split's generator of its support's own modality
+        split_generator = {"in_domain": gen_ct, "cross_domain": gen_mr}
         init, generator = [], None
         if args.init == "generator":
             init = [f"model.unet_init={gen_ct}"]
-            generator = {"run": str(gen_ct), "steps": parts.gen_summary["steps"],
-                         "seconds": parts.gen_summary["seconds"], "overrides": args.gen_set}
-        ct, mr = open_dataset(ct_dir), open_dataset(mr_dir)
-        splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[0], surface_metrics=False)),
-                  "cross_domain": (mr, ProtocolConfig(surface_metrics=False))}
+            generator = {"run": str(gen_ct), "steps": gen_summary["steps"],
+                         "seconds": gen_summary["seconds"], "overrides": args.gen_set}
 
         def score(predictor):
             res = {}
@@ -206,7 +261,7 @@ def main(argv=None) -> int:
             from fsmis.evaluation.protocol import Evaluator
             from fsmis.genaug.zeroshot import MaskSupportGenerator, MaskSupportSource
 
-            mask_source = MaskSupportSource(ct_dir, MaskSupportGenerator(gen_mr, "MR"))
+            mask_source = MaskSupportSource(train_dir, MaskSupportGenerator(gen_mr, "MR"))
 
             def score_mask(predictor):
                 r = Evaluator(mr, predictor, ProtocolConfig(surface_metrics=False), progress=False,
@@ -222,8 +277,7 @@ def main(argv=None) -> int:
                 m = args.synthetic_support
                 res = {}
                 for split, (ds, proto) in splits.items():
-                    wrapped = SyntheticSupport(predictor, gen_ct if split == "in_domain" else gen_mr, m,
-                                               "CT" if split == "in_domain" else "MR")
+                    wrapped = SyntheticSupport(predictor, split_generator[split], m, ds.modality)
                     r = evaluate(ds, wrapped, proto, progress=False)
                     res[split] = {"mean": r["mean_dice"], "per_class": r["per_class"]}
                 v["synthetic_support"] = {**res, "label": f" (M = {m})"}
@@ -237,7 +291,7 @@ def main(argv=None) -> int:
         results = {}
         for seed in args.seeds:
             t0 = time.time()
-            overrides = [f"data.root={ct_dir}", f"model.vae_path={vae_dir}", *init, *args.overrides,
+            overrides = [f"data.root={train_dir}", f"model.vae_path={vae_dir}", *init, *args.overrides,
                          f"train.seed={seed}"]
             cfg, summary = D.train_demo_model(Path(args.config), out / "runs" / f"seed{seed}", overrides,
                                               not args.quiet)
@@ -252,10 +306,10 @@ def main(argv=None) -> int:
             res.update({"history": summary.get("history", []), "train_seconds": summary.get("seconds"),
                         "wall_seconds": round(time.time() - t0, 1)})
             results[str(seed)] = res
-            print(f"seed {seed}: in-domain {100 * res['in_domain']['mean']:.2f}, cross-domain "
-                  f"{100 * res['cross_domain']['mean']:.2f} (support-copy {100 * baseline['in_domain']['mean']:.2f} / "
-                  f"{100 * baseline['cross_domain']['mean']:.2f})", flush=True)
+            print(f"seed {seed}: in-domain {_dice(res, 'in_domain')}, cross-domain {_dice(res, 'cross_domain')} "
+                  f"(support-copy {_dice(baseline, 'in_domain')} / {_dice(baseline, 'cross_domain')})", flush=True)
             atomic_write_json(out / "seeds.json", {"config": str(args.config), "overrides": args.overrides,
+                                                   "dataset": "cmr" if cmr else "phantom", "splits": described,
                                                    "init": args.init, "generator": generator,
                                                    "test_time": {"synthetic_support": args.synthetic_support,
                                                                  "mask_support": bool(args.mask_support),
