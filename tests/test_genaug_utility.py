@@ -95,3 +95,32 @@ def test_a_sweep_run_in_parts_is_one_input(tmp_path):
     a3 = _write(tmp_path / "a3", {"2": (0.8, 0.2)}, overrides=["genaug.ratio=0.5", "genaug.data=[y]"])
     r = run("--base", b1, "--arm", f"episodes={a1},{a3}", "--out", tmp_path / "o3")
     assert r.returncode == 2 and "overrides differ" in r.stderr and "genaug.ratio=0.5" in r.stderr
+
+
+def test_a_card_mri_sweep_has_in_domain_columns_only(tmp_path):
+    def write(path, seeds, overrides=(), dataset="cmr"):
+        path.mkdir(parents=True)
+        data = {"dataset": dataset, "splits": {"in_domain": "Card-MRI fold 0"}, "overrides": list(overrides),
+                "init": "random", "test_time": {"synthetic_support": 2},
+                "support_copy": {"in_domain": {"mean": 0.27}},
+                "seeds": {k: {"in_domain": {"mean": v}, "variants": {"synthetic_support": {"in_domain": {"mean": v / 2}}}}
+                          for k, v in seeds.items()}}
+        (path / "seeds.json").write_text(json.dumps(data))
+        return path
+
+    base = write(tmp_path / "base", {"0": 0.5, "1": 0.4})
+    arm = write(tmp_path / "arm", {"0": 0.6, "1": 0.3}, overrides=["genaug.ratio=0.25"])
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "genaug_utility.py"), "--base", str(base), "--arm",
+                        f"episodes={arm}", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    md = (out / "utility.md").read_text()
+    assert md.startswith("# Utility of synthetic data (demo SD-FSMIS, Card-MRI fold 0)")
+    line = next(ln for ln in md.splitlines() if ln.startswith("| SD-FSMIS + episodes"))
+    assert "| 60.00 / – | 30.00 / – | 45.00 (30.00-60.00) | – | 1 of 2 / – |" in line
+    assert "| support-copy | 27.00 / – |" in md and "in-domain (Card-MRI fold 0)" in md
+    # an arm of the phantom sweep is not an arm of a Card-MRI base
+    ph = write(tmp_path / "ph", {"0": 0.6, "1": 0.3}, overrides=["genaug.ratio=0.25"], dataset="phantom")
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "genaug_utility.py"), "--base", str(base), "--arm",
+                        f"episodes={ph}", "--out", str(tmp_path / "o2")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "phantom" in r.stderr and not (tmp_path / "o2").exists()

@@ -33,6 +33,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+PHANTOM_SPLITS = {"in_domain": "phantom CT fold 0", "cross_domain": "CT -> MR, 5 folds"}  # sweeps before splits were recorded
+
+
 def _load(path: str) -> tuple[Path, dict]:
     p = Path(path)
     p = p / "seeds.json" if p.is_dir() else p
@@ -64,7 +67,8 @@ def load_parts(paths: list[str]) -> tuple[str, dict]:
     first_path, merged = loaded[0]
     merged = {**merged, "seeds": dict(merged["seeds"]), "parts": [str(first_path)]}
     for path, d in loaded[1:]:
-        checks = {"config": (Path(str(d.get("config"))).name, Path(str(merged.get("config"))).name),
+        checks = {"dataset": (d.get("dataset", "phantom"), merged.get("dataset", "phantom")),
+                  "config": (Path(str(d.get("config"))).name, Path(str(merged.get("config"))).name),
                   "init": (d.get("init"), merged.get("init")),
                   "overrides": (_recipe(d.get("overrides")), _recipe(merged.get("overrides"))),
                   "test-time variants": ({k: v for k, v in (d.get("test_time") or {}).items() if not k.startswith("generator")},
@@ -116,8 +120,9 @@ def build(base: dict, arms: dict[str, dict]) -> dict:
     if v is not None:
         rows.append({"name": "SD-FSMIS, supports generated from CT masks (no MR annotation)", **v})
     sc = base["support_copy"]
-    return {"seeds": seeds, "rows": rows,
-            "support_copy": {"in": 100 * sc["in_domain"]["mean"], "cross": 100 * sc["cross_domain"]["mean"],
+    return {"seeds": seeds, "rows": rows, "splits": base.get("splits", PHANTOM_SPLITS),
+            "support_copy": {"in": 100 * sc["in_domain"]["mean"],
+                             "cross": 100 * sc["cross_domain"]["mean"] if "cross_domain" in sc else None,
                              "cross_from_ct_masks": (100 * sc["variants"]["mask_support"]["cross_domain"]["mean"]
                                                      if "mask_support" in sc.get("variants", {}) else None)}}
 
@@ -157,10 +162,12 @@ def markdown(table: dict) -> str:
     def row(name, value):
         return "| " + " | ".join([name, value, *blank]) + " |"
 
-    lines.append(row("support-copy", f"{sc['in']:.2f} / {sc['cross']:.2f}"))
+    lines.append(row("support-copy", f"{sc['in']:.2f} / " + ("–" if sc["cross"] is None else f"{sc['cross']:.2f}")))
     if sc.get("cross_from_ct_masks") is not None:
         lines.append(row("support-copy of the CT masks", f"– / {sc['cross_from_ct_masks']:.2f}"))
-    lines += ["", f"Per seed: in-domain (phantom CT fold 0) / cross-domain (CT -> MR, 5 folds) mean Dice (%), canonical "
+    splits = table.get("splits", PHANTOM_SPLITS)
+    lines += ["", f"Per seed: in-domain ({splits['in_domain']}) / cross-domain ({splits.get('cross_domain', 'none')}) "
+                  "mean Dice (%), canonical "
                   f"protocol, EP1, per-volume 3D Dice; training seeds {', '.join(seeds)}; a row beats SD-FSMIS on a "
                   "seed when its Dice is higher than the plain model's of the same seed."]
     return "\n".join(lines)
@@ -183,13 +190,15 @@ def bar_chart(table: dict, path: Path) -> Path:
         med = [s["median"] if s else np.nan for s in st]
         err = np.array([[s["median"] - s["min"], s["max"] - s["median"]] if s else [0, 0] for s in st]).T
         ax.bar(x + (k - 0.5) * 0.38, med, 0.38, yerr=err, capsize=3, label=f"{label} (median, range)")
-        ax.axhline(table["support_copy"][key], ls="--", lw=0.8, color=f"C{k}")
+        if table["support_copy"][key] is not None:
+            ax.axhline(table["support_copy"][key], ls="--", lw=0.8, color=f"C{k}")
     ax.set_xticks(x)
     ax.set_xticklabels([r["name"].replace("SD-FSMIS", "SD").replace(", ", ",\n") for r in rows], fontsize=7)
     ax.set_ylabel("mean Dice (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
-    ax.set_title(f"synthetic data on the demo SD-FSMIS, seeds {', '.join(table['seeds'])} (dashed: support-copy)",
+    ax.set_title(f"synthetic data on the demo SD-FSMIS, {table['splits']['in_domain']}, seeds {', '.join(table['seeds'])} "
+                 "(dashed: support-copy)",
                  fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -220,6 +229,9 @@ def main(argv=None) -> int:
         arms = {}
         for name, paths in arm_parts.items():
             arm_path, arm = load_parts(paths)
+            if arm.get("dataset", "phantom") != base.get("dataset", "phantom"):
+                raise ValueError(f"{arm_path}: a sweep on {arm.get('dataset', 'phantom')}, the base's is on "
+                                 f"{base.get('dataset', 'phantom')}")
             if _non_genaug(arm.get("overrides")) != _non_genaug(base.get("overrides")) or arm.get("init") != base.get("init"):
                 raise ValueError(f"{arm_path}: trained with other settings than {base_path} (overrides "
                                  f"{arm.get('overrides')} vs {base.get('overrides')}, init {arm.get('init')} vs "
@@ -235,7 +247,8 @@ def main(argv=None) -> int:
         png = bar_chart(table, out / "utility.png")
         inputs = "\n".join([f"- SD-FSMIS: {base_path}", *(f"- {n}: {' + '.join(a['parts'])}"
                                                            for n, a in arms.items())])
-        atomic_write_text(out / "utility.md", f"# Utility of synthetic data (demo SD-FSMIS)\n\n{md}\n\n"
+        title = f"# Utility of synthetic data (demo SD-FSMIS, {table['splits']['in_domain']})"
+        atomic_write_text(out / "utility.md", f"{title}\n\n{md}\n\n"
                                               f"![utility]({png.name})\n\nInputs (seeds.json):\n\n{inputs}\n")
         atomic_write_json(out / "utility.json", {**table, "base": base["parts"],
                                                  "arms": {n: {"overrides": a.get("overrides"), "parts": a["parts"]}
