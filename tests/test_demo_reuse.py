@@ -96,3 +96,16 @@ def test_reuse_conflicts_name_training_keys_and_skip_the_neutral_ones(tmp_path, 
     wanted.model.vtct_depth = 2
     diff = D.reuse_conflicts(saved, wanted)
     assert diff == ["model.vtct_depth: 1 -> 2", "train.lr: 0.001 -> 0.002"]
+
+
+def test_reuse_takes_a_path_spelt_otherwise_for_the_same_folder(tmp_path, tiny_data, monkeypatch):
+    """A run trained with data.root relative to the working folder is the run wanted with the
+    same folder spelt absolute (and back); another existing folder is a conflict."""
+    monkeypatch.chdir(tiny_data.parent)
+    saved = _config(tmp_path, tiny_data.name, "sdfsmis", "saved")
+    assert D.reuse_conflicts(saved, _config(tmp_path, tiny_data.resolve(), "sdfsmis", "abs")) == []
+    assert D.reuse_conflicts(_config(tmp_path, tiny_data.resolve(), "sdfsmis", "abs2"), saved) == []
+    other = tmp_path / "other_data"
+    other.mkdir()
+    diff = D.reuse_conflicts(saved, _config(tmp_path, other, "sdfsmis", "other"))
+    assert len(diff) == 1 and diff[0].startswith("data.root:")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -87,7 +88,22 @@ def reuse_conflicts(saved, cfg) -> list[str]:
     from fsmis.models.sd_fsmis import POSTPROCESS_KEYS
 
     ignored = {f"model.{k}" for k in POSTPROCESS_KEYS} | set(WEIGHT_NEUTRAL_KEYS)
-    return [f"{k}: {va!r} -> {vb!r}" for k, va, vb in differing_keys(saved, cfg) if k not in ignored]
+    return [f"{k}: {va!r} -> {vb!r}" for k, va, vb in differing_keys(saved, cfg)
+            if k not in ignored and not _same_paths(va, vb)]
+
+
+def _same_paths(a, b) -> bool:
+    """Whether two config values name the same existing files or folders, one spelt relative (to the
+    working folder) and one absolute, say; a list compares item by item. Values that are no paths
+    of this machine never compare equal here."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_paths(x, y) for x, y in zip(a, b))
+    if not (isinstance(a, str) and isinstance(b, str)) or not a or not b:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (here)
+        return False
 
 
 def trained_predictor(run: Path, cfg):
