@@ -174,6 +174,8 @@ def markdown(table: dict) -> str:
 
 
 def bar_chart(table: dict, path: Path) -> Path:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +195,7 @@ def bar_chart(table: dict, path: Path) -> Path:
         if table["support_copy"][key] is not None:
             ax.axhline(table["support_copy"][key], ls="--", lw=0.8, color=f"C{k}")
     ax.set_xticks(x)
-    ax.set_xticklabels([r["name"].replace("SD-FSMIS", "SD").replace(", ", ",\n") for r in rows], fontsize=7)
+    ax.set_xticklabels([textwrap.fill(r["name"].replace("SD-FSMIS", "SD"), 20) for r in rows], fontsize=7)
     ax.set_ylabel("mean Dice (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
