@@ -59,6 +59,11 @@ def _sc_means(d: dict) -> list:
     return [sc.get("in_domain", {}).get("mean"), sc.get("cross_domain", {}).get("mean"), mask]
 
 
+def _test_time(d: dict) -> dict:
+    """The test-time variants a sweep scored (the generator paths aside: each part names its copy)."""
+    return {k: v for k, v in (d.get("test_time") or {}).items() if not k.startswith("generator")}
+
+
 def load_parts(paths: list[str]) -> tuple[str, dict]:
     """One input from one or more seeds.json (the parts of one sweep), merged; a label of its paths."""
     import math
@@ -71,9 +76,7 @@ def load_parts(paths: list[str]) -> tuple[str, dict]:
                   "config": (Path(str(d.get("config"))).name, Path(str(merged.get("config"))).name),
                   "init": (d.get("init"), merged.get("init")),
                   "overrides": (_recipe(d.get("overrides")), _recipe(merged.get("overrides"))),
-                  "test-time variants": ({k: v for k, v in (d.get("test_time") or {}).items() if not k.startswith("generator")},
-                                         {k: v for k, v in (merged.get("test_time") or {}).items()
-                                          if not k.startswith("generator")})}
+                  "test-time variants": (_test_time(d), _test_time(merged))}
         for what, (a, b) in checks.items():
             if a != b:
                 raise ValueError(f"{path} and {first_path} are not parts of one sweep: {what} differ ({a} vs {b})")
@@ -165,7 +168,7 @@ def markdown(table: dict) -> str:
     lines.append(row("support-copy", f"{sc['in']:.2f} / " + ("–" if sc["cross"] is None else f"{sc['cross']:.2f}")))
     if sc.get("cross_from_ct_masks") is not None:
         lines.append(row("support-copy of the CT masks", f"– / {sc['cross_from_ct_masks']:.2f}"))
-    splits = table.get("splits", PHANTOM_SPLITS)
+    splits = table["splits"]
     lines += ["", f"Per seed: in-domain ({splits['in_domain']}) / cross-domain ({splits.get('cross_domain', 'none')}) "
                   "mean Dice (%), canonical "
                   f"protocol, EP1, per-volume 3D Dice; training seeds {', '.join(seeds)}; a row beats SD-FSMIS on a "
