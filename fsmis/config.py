@@ -81,7 +81,9 @@ class GenaugConfig:
 
     data: list = field(default_factory=list)  # synthetic folders written by tools/synthesize.py (or filter_synthetic.py)
     ratio: float = 0.0  # fraction of the training episodes drawn from them (0: none, the released recipe)
-    pairing: str = "source"  # source: real source slice + synthetic slice | synthetic: two slices of one synthetic case
+    # synthetic: two slices of one synthetic case (the default: it measured best, docs/measurements/genaug_utility.md)
+    # | source: a real source slice + the synthetic slice made from it
+    pairing: str = "synthetic"
 
 
 @dataclass

@@ -87,7 +87,8 @@ def test_mixing_ratio_holds_over_every_window(ratio):
 
 
 def test_batches_of_a_training_mix_at_the_ratio(env, tmp_path):
-    cfg = load_config(_config(tmp_path, env["real"], genaug={"data": [str(env["syn"])], "ratio": 0.25}))
+    cfg = load_config(_config(tmp_path, env["real"], genaug={"data": [str(env["syn"])], "ratio": 0.25,
+                                                             "pairing": "source"}))
     tr = Trainer(cfg, tmp_path / "run", "cpu", progress=False).setup()
     m = tr.method
     flags = [e.synthetic for step in range(50) for micro in range(2) for e in m.episodes(step, micro)[0]]
@@ -139,6 +140,7 @@ def test_bad_genaug_settings_are_refused(env, tmp_path):
     with pytest.raises(ConfigError, match="genaug.pairing"):
         load_config(_config(tmp_path, env["real"], genaug={"pairing": "both"}))
     cfg = load_config(_config(tmp_path, env["real"], genaug={"ratio": 0.5}))
+    assert cfg.genaug.pairing == "synthetic"  # the default: it measured best (docs/measurements/genaug_utility.md)
     with pytest.raises(GenaugError, match="needs genaug.data"):
         Trainer(cfg, tmp_path / "run", "cpu", progress=False).setup()
     gen = load_config(Path(__file__).resolve().parents[1] / "configs" / "generator_demo.yaml", ["genaug.ratio=0.5"])
@@ -150,7 +152,8 @@ def test_excluded_slices_are_never_drawn(env, tmp_path):
     keep = {"101": [4], "102": [5], "103": [3, 6]}
     excluded = {sid: [z for z in range(SHAPE[0]) if z not in zs] for sid, zs in keep.items()}
     syn = write_synthetic(tmp_path / "filtered", env["real"], {"101": "1", "102": "2", "103": "3"}, excluded=excluded)
-    cfg = load_config(_config(tmp_path, env["real"], genaug={"data": [str(syn)], "ratio": 1.0}))
+    # source pairing: a single kept slice of a synthetic case is enough for its episodes
+    cfg = load_config(_config(tmp_path, env["real"], genaug={"data": [str(syn)], "ratio": 1.0, "pairing": "source"}))
     m = Trainer(cfg, tmp_path / "run", "cpu", progress=False).setup().method
     for step in range(20):
         for e in m.episodes(step, 0)[0]:
@@ -168,7 +171,7 @@ def test_counts_in_summary_and_tensorboard_and_exact_resume(env, tmp_path):
     assert summary["episodes"] == {"real": 8, "synthetic": 8}  # 4 steps x 2 micro x 2 episodes
     saved = json.loads((tmp_path / "a" / "train_summary.json").read_text())
     assert saved["episodes"] == {"real": 8, "synthetic": 8}
-    assert saved["genaug"]["pairing"] == "source" and saved["genaug"]["folders"][0]["cases"] == 3
+    assert saved["genaug"]["pairing"] == "synthetic" and saved["genaug"]["folders"][0]["cases"] == 3
     ev = EventAccumulator(str(tmp_path / "a" / "tensorboard"))
     ev.Reload()
     assert [s.value for s in ev.Scalars("episodes/synthetic")][-1] == 8

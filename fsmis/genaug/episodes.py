@@ -12,15 +12,15 @@ fraction of the training episodes drawn from them. As implemented:
   counts exactly as an uninterrupted one. Ratio 0 draws exactly the episodes of a run without
   this section (the same random stream).
 - **Pairing** (``genaug.pairing``):
-  ``source`` (default): a real training slice (the source case's slice ``z``) and the synthetic
+  ``source``: a real training slice (the source case's slice ``z``) and the synthetic
   slice ``z`` of a case made from it, with one class (a supervoxel id, or a label) of at least
   ``data.min_fg_pixels`` pixels in both; which of the two is the support is drawn with p = 0.5.
   The edit moved the class between the two, so the pair teaches the mask transfer across a
   shape change the consecutive real slices rarely show.
-  ``synthetic``: the ADNet-family episode of the real data (consecutive slices, one class) drawn
-  inside one synthetic case.
-  The default is provisional until the utility measurement of the generative branch names the
-  better one.
+  ``synthetic`` (default): the ADNet-family episode of the real data (consecutive slices, one
+  class) drawn inside one synthetic case. It measured best on the phantom, seeds 0-4, unfiltered,
+  ratio 0.25: median in-domain / cross-domain Dice 69.38 / 60.82 against 56.54 / 57.08 with
+  ``source`` (docs/measurements/genaug_utility.md).
 - **Cases.** A synthetic folder picks with probability proportional to its case count, then the
   sampler of that folder draws. A synthetic case whose source is not a training case of the fold
   (a test query, the validation case(s), or the legacy protocol's support) is refused, naming
@@ -160,7 +160,7 @@ class SyntheticEpisodes:
         pairing: ``"source"`` or ``"synthetic"``.
     """
 
-    def __init__(self, folders, real_sampler: ConsecutiveSliceSampler, fold, val_cases, pairing: str = "source"):
+    def __init__(self, folders, real_sampler: ConsecutiveSliceSampler, fold, val_cases, pairing: str = "synthetic"):
         from .quality import open_synthetic
 
         if pairing not in PAIRINGS:
