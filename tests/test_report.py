@@ -144,3 +144,7 @@ def test_aggregate_averages_runs_of_one_protocol_and_one_dataset_only(results, t
     path.write_text(json.dumps(other))
     r = _aggregate(results["copy01"], path)
     assert r.returncode == 2 and "protocol.synthetic_support" in r.stderr, r.stderr
+    # the output is never one of the inputs
+    before = results["copy0"].read_text()
+    r = _aggregate(results["copy01"], results["copy0"], "--out", results["copy0"])
+    assert r.returncode == 2 and "one of the results files" in r.stderr and results["copy0"].read_text() == before

@@ -4,9 +4,10 @@ mean ± std per class.
 
   python tools/aggregate.py results/seed*/results.json --out results/summary.json
 
-Refuses to mix runs whose protocol or dataset differs (every protocol switch but the folds
-evaluated must match, and so must the dataset's name, modality, number of cases and test classes),
-so a table never averages numbers produced under different protocols or on different data.
+Refuses to mix runs whose protocol or dataset differs (tools/report.py's protocol fingerprint,
+the folds evaluated aside: every protocol switch must match, and so must the dataset's name,
+modality, number of cases and test classes), so a table never averages numbers produced under
+different protocols or on different data.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
 
     from fsmis.atomic import atomic_write_json
     from fsmis.evaluation.protocol import mean_std_over_runs
-    from fsmis.evaluation.report import PROTOCOL_DEFAULTS, protocol_identity
+    from fsmis.evaluation.report import differing_keys, protocol_identity
 
     runs = []
     for r in args.results:
@@ -38,24 +39,20 @@ def main(argv=None) -> int:
             return 2
         runs.append((path, json.loads(path.read_text())))
     ref_path, ref = runs[0]
-
-    def identity(res):  # results written before synthetic supports existed had none
-        proto = {**PROTOCOL_DEFAULTS, "released_slice_metrics": False,
-                 **{k: v for k, v in res["protocol"].items() if k not in IGNORED}}
-        return {**{f"protocol.{k}": v for k, v in proto.items()},
-                **{f"dataset.{k}": v for k, v in protocol_identity(res)["dataset"].items()}}
-
-    ref_id = identity(ref)
+    if args.out and any(Path(args.out).resolve() == p.resolve() for p, _ in runs):
+        print(f"error: --out {args.out} is one of the results files: choose another path", file=sys.stderr)
+        return 2
+    # what a number means is the report's protocol identity (fsmis.evaluation.report), the folds aside
     for path, res in runs[1:]:
-        rid = identity(res)
-        diff = sorted(k for k in set(rid) | set(ref_id) if rid.get(k) != ref_id.get(k))
+        diff = [k for k in differing_keys(ref, res) if k.split(".", 1)[1] not in IGNORED]
         if diff:
             print(f"error: {path} was produced under another protocol or on other data than {ref_path} "
                   f"({', '.join(diff)})", file=sys.stderr)
             return 2
     agg = mean_std_over_runs([r for _, r in runs])
-    agg["protocol"] = {k.split(".", 1)[1]: v for k, v in ref_id.items() if k.startswith("protocol.")}
-    agg["dataset"] = protocol_identity(ref)["dataset"]
+    identity = protocol_identity(ref)
+    agg["protocol"] = {k: v for k, v in identity["protocol"].items() if k not in IGNORED}
+    agg["dataset"] = identity["dataset"]
     agg["runs"] = [str(p) for p, _ in runs]
     classes = list(agg["per_class"])
     print("| | " + " | ".join(classes) + " | mean |")
