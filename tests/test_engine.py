@@ -64,6 +64,10 @@ def test_a_new_method_trains_through_train_py_and_resumes_after_kill_9(tmp_path,
     # the time inside validation and checkpoint writing is counted apart, within the run's seconds
     assert summary["seconds_validation"] > 0 and summary["seconds_checkpoints"] > 0
     assert summary["seconds_validation"] + summary["seconds_checkpoints"] <= summary["seconds"] + 0.1
+    # what a CPU number depends on besides config and data: the thread count and the versions
+    env = summary["environment"]
+    assert env["threads"] == 1 and env["device"] == "cpu"  # ENV runs train.py with OMP_NUM_THREADS=1
+    assert env["torch"] == torch.__version__ and env["python"] and env["diffusers"]
     assert 0 < summary["seconds_per_step"] * summary["steps"] / 2 <= summary["seconds"]
     assert list((tmp_path / "ref" / "tensorboard").iterdir())
     run = tmp_path / "run"

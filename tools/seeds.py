@@ -304,6 +304,7 @@ def main(argv=None) -> int:
             if test_time:
                 res["variants"] = score_variants(predictor)
             res.update({"history": summary.get("history", []), "train_seconds": summary.get("seconds"),
+                        "environment": summary.get("environment"),
                         "wall_seconds": round(time.time() - t0, 1)})
             results[str(seed)] = res
             print(f"seed {seed}: in-domain {_dice(res, 'in_domain')}, cross-domain {_dice(res, 'cross_domain')} "

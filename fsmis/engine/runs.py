@@ -30,6 +30,21 @@ from .method import method_class
 DATA_NAME = "data.json"
 
 
+def environment(device=None) -> dict:
+    """What a run's numbers depend on besides its config and data: the software versions and the
+    CPU thread count (floating-point sums are split by thread, so a CPU run is reproduced to the
+    digit only at the same ``threads``; docs/measurements/genaug_utility.md)."""
+    import platform
+
+    import diffusers
+
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads()}
+    if device is not None:
+        env["device"] = str(device)
+    return env
+
+
 def run_folder(path: str | Path) -> Path:
     """A run folder, its checkpoints folder or one of its step folders -> the run folder."""
     p = Path(path)

@@ -30,6 +30,7 @@ from ..atomic import atomic_write_json
 from ..config import Config, save_config
 from . import checkpoints as ck
 from .method import method_class
+from .runs import environment
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ class Trainer:
                    "seconds_per_step": (round(sum(step_times[len(step_times) // 2:])
                                               / len(step_times[len(step_times) // 2:]), 5) if step_times else None),
                    "best_val_dice": self.best, "history": self.history, "index": ck.read_index(self.run_dir),
-                   **self.method.summary_facts(self.step)}
+                   "environment": environment(self.device), **self.method.summary_facts(self.step)}
         if self.is_main:
             summary["exported"] = [str(p) for p in self.method.finalize(self.run_dir, summary)]
             atomic_write_json(self.run_dir / "train_summary.json", summary)

@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import platform
 import time
 import warnings
 from dataclasses import dataclass
@@ -474,9 +473,11 @@ class AutoencoderMethod(Method):
 
 
 def _versions() -> dict:
-    import diffusers
+    from ..engine.runs import environment
 
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()}
+    env = environment()
+    del env["threads"]  # recorded under "train" (the report's format)
+    return env
 
 
 # -- a cache of trained autoencoders (the demo) ---------------------------------------------------
