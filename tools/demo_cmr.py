@@ -34,6 +34,25 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_VAE_STEPS = 360
 
 
+def ensure_cmr_vae(vae_config, data: Path, steps: int, size: int, work: Path, progress: bool):
+    """The Card-MRI demo VAE in WORK/vae, trained or reused when cached: (vae_dir, reused)."""
+    import demo as D
+
+    from fsmis.methods.autoencoder import ensure_autoencoder
+
+    return ensure_autoencoder(D.demo_vae_config(vae_config, data, steps, size), work / "vae", progress=progress)
+
+
+def ensure_cmr_generator(args, data: Path, vae_dir: Path, size: int, work: Path, progress: bool):
+    """The label-free Card-MRI demo generator in WORK/generator (``args`` carries demo.add_init_arguments'
+    options), trained or reused when cached: (run, its train summary)."""
+    import demo as D
+
+    _, summary = D.ensure_generator(args.generator_config, data, vae_dir, size, args.gen_steps, work / "generator",
+                                    progress, args.gen_set)
+    return work / "generator", summary
+
+
 def main(argv=None) -> int:
     from fsmis.cli import positive_int
 
@@ -65,7 +84,7 @@ def main(argv=None) -> int:
     from fsmis.evaluation.figures import example_rows, overlay_panel, validation_curve
     from fsmis.evaluation.protocol import ProtocolConfig, evaluate
     from fsmis.evaluation.results import atomic_write_json, atomic_write_text, results_markdown, write_results
-    from fsmis.methods.autoencoder import REPORT_NAME, ensure_autoencoder
+    from fsmis.methods.autoencoder import REPORT_NAME
     from fsmis.methods.base import build_predictor
 
     t0 = time.time()
@@ -75,8 +94,7 @@ def main(argv=None) -> int:
     ds = open_dataset(data)  # fails here, naming the folder, when DATA is not a dataset
     cfg = load_config(Path(args.config), [f"data.root={data}", *args.overrides])
     size = cfg.data.image_size
-    vae_cfg = D.demo_vae_config(args.vae_config, data, args.vae_steps, size)
-    vae_dir, reused = ensure_autoencoder(vae_cfg, work / "vae", progress=not args.quiet)
+    vae_dir, reused = ensure_cmr_vae(args.vae_config, data, args.vae_steps, size, work, not args.quiet)
     if reused:
         print(f"reusing the demo VAE in {vae_dir}")
     vae_report = json.loads((vae_dir / REPORT_NAME).read_text(encoding="utf-8"))
@@ -94,8 +112,7 @@ def main(argv=None) -> int:
                                         f"run this command without --init first (same --work)")
             rs = json.loads(random_summary.read_text(encoding="utf-8"))
         t1 = time.time()
-        _, gen_summary = D.ensure_generator(args.generator_config, data, vae_dir, size, args.gen_steps,
-                                            work / "generator", not args.quiet, args.gen_set)
+        _, gen_summary = ensure_cmr_generator(args, data, vae_dir, size, work, not args.quiet)
         timings["generator_s"] = round(time.time() - t1, 1)
         overrides.append(f"model.unet_init={work / 'generator'}")
         run = work / "run_prior"

@@ -157,23 +157,19 @@ def variant_table(results: dict, baseline: dict) -> str:
     return "\n".join(lines)
 
 
-def cmr_parts(args, D, data: Path, generator: bool):
+def cmr_parts(args, data: Path, generator: bool):
     """make demo-cmr's demo VAE (WORK/vae) and, with ``generator``, its label-free demo generator
     (WORK/generator), each reused when cached: (vae_dir, generator run or None, its summary or None)."""
-    from demo_cmr import DEMO_VAE_STEPS
+    from demo_cmr import DEMO_VAE_STEPS, ensure_cmr_generator, ensure_cmr_vae
 
     from fsmis.config import load_config
-    from fsmis.methods.autoencoder import ensure_autoencoder
 
     work, progress = Path(args.work), not args.quiet
     size = load_config(Path(args.config), [f"data.root={data}", *args.overrides]).data.image_size
-    vae_cfg = D.demo_vae_config(args.vae_config, data, args.vae_steps or DEMO_VAE_STEPS, size)
-    vae_dir, _ = ensure_autoencoder(vae_cfg, work / "vae", progress=progress)
+    vae_dir, _ = ensure_cmr_vae(args.vae_config, data, args.vae_steps or DEMO_VAE_STEPS, size, work, progress)
     if not generator:
         return vae_dir, None, None
-    _, summary = D.ensure_generator(args.generator_config, data, vae_dir, size, args.gen_steps, work / "generator",
-                                    progress, args.gen_set)
-    return vae_dir, work / "generator", summary
+    return (vae_dir, *ensure_cmr_generator(args, data, vae_dir, size, work, progress))
 
 
 def main(argv=None) -> int:
@@ -229,7 +225,7 @@ def main(argv=None) -> int:
         if cmr:  # make demo-cmr's VAE and label-free generator, on the training data itself
             train_dir, gen_mr = Path(args.cmr), None
             ct = open_dataset(train_dir)  # fails here, naming the folder, when it is not a dataset
-            vae_dir, gen_ct, gen_summary = cmr_parts(args, D, train_dir, need_generator)
+            vae_dir, gen_ct, gen_summary = cmr_parts(args, train_dir, need_generator)
             splits = {"in_domain": (ct, ProtocolConfig(fold_ids=[0], surface_metrics=False))}
             described = {"in_domain": "Card-MRI fold 0"}
         else:
