@@ -195,3 +195,35 @@ def test_counts_in_summary_and_tensorboard_and_exact_resume(env, tmp_path):
     assert plain.fit()["episodes"] == {"real": 16, "synthetic": 0}
     wp = load_file(str(ck.resolve_checkpoint(tmp_path / "p", "last") / "model.safetensors"))
     assert any(not torch.equal(wa[k], wp[k]) for k in wa)
+
+
+def test_a_run_is_not_resumed_or_reused_on_a_remade_synthetic_folder(env, tmp_path):
+    """data.json records each synthetic folder's fingerprint; once the folder is filtered again (other
+    excluded slices) or re-synthesized (other files), resuming the run and reusing it as finished are
+    both refused, naming the folder; an untouched folder resumes and is reused."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import demo as D
+
+    from fsmis.genaug.episodes import folder_fingerprint
+
+    sources = {"101": "1", "102": "2", "103": "3"}
+    syn = write_synthetic(tmp_path / "syn", env["real"], sources)
+    fp = folder_fingerprint(syn)
+    assert folder_fingerprint(env["syn"]) == fp  # the same content elsewhere: the same fingerprint
+    cfg = load_config(_config(tmp_path, env["real"], genaug={"data": [str(syn)], "ratio": 0.5},
+                              train={"max_steps": 2, "ckpt_every": 1}))
+    run = tmp_path / "run"
+    D.ensure_trained(cfg, run, progress=False)
+    assert json.loads((run / "data.json").read_text())["synthetic_fingerprints"] == {str(syn.resolve()): fp}
+    assert Trainer(cfg, run, "cpu", progress=False).setup().resume() == 2  # unchanged: resumes
+    assert D.ensure_trained(cfg, run, progress=False)["steps"] == 2  # and is reused
+
+    write_synthetic(syn, env["real"], sources, excluded={"101": [0]})  # filtered again
+    assert folder_fingerprint(syn) != fp
+    with pytest.raises(ck.CheckpointError, match="synthetic folder"):
+        Trainer(cfg, run, "cpu", progress=False).setup().resume()
+    with pytest.raises(ValueError, match=str(syn.resolve())):
+        D.ensure_trained(cfg, run, progress=False)
+    assert (run / "train_summary.json").is_file()  # nothing of the run was removed

@@ -126,7 +126,7 @@ def ensure_trained(cfg, run: Path, progress: bool, describe=None, name: str = "r
     Returns the training summary."""
     from fsmis.config import load_config
     from fsmis.engine import checkpoints as ck
-    from fsmis.engine.trainer import Trainer
+    from fsmis.engine.trainer import Trainer, changed_synthetic_folders
 
     saved = run / "config.yaml"
     if saved.is_file():
@@ -135,6 +135,10 @@ def ensure_trained(cfg, run: Path, progress: bool, describe=None, name: str = "r
             shown = "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
             raise ValueError(f"{run} holds a {name} trained with another config ({shown}); "
                              f"give another --work/--out folder, or delete {run} to train it again")
+    changed = changed_synthetic_folders(cfg, run)
+    if changed:  # the same config on re-made synthetic data: neither reuse nor resume, never delete
+        raise ValueError(f"{run} holds a {name} trained on other contents of its synthetic folder(s) "
+                         f"({', '.join(changed)}); give another --work/--out folder, or delete {run} to train it again")
     idx = ck.read_index(run)
     if idx.get("last") == f"step_{cfg.train.max_steps}" and (run / "train_summary.json").is_file():
         print(f"reusing the trained {name} in {run}")

@@ -115,6 +115,23 @@ class _LossModule(torch.nn.Module):
         return self._method[0].loss(batch, generator)
 
 
+def changed_synthetic_folders(cfg, run_dir) -> list[str]:
+    """The ``genaug.data`` folders of ``cfg`` whose fingerprint differs from the one RUN/data.json recorded
+    (fsmis.genaug.episodes.folder_fingerprint): a run must not resume, or be reused as finished, on them."""
+    import json
+
+    from .runs import DATA_NAME
+
+    if not getattr(cfg, "genaug", None) or cfg.genaug.ratio <= 0:
+        return []
+    path = Path(run_dir) / DATA_NAME
+    if not path.is_file():
+        return []
+    from ..genaug.episodes import fingerprint_conflicts
+
+    return fingerprint_conflicts(json.loads(path.read_text(encoding="utf-8")), cfg.genaug.data)
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, device: str | None = None, progress: bool = True):
         self.cfg = cfg
@@ -179,6 +196,12 @@ class Trainer:
         step_dir = ck.last_complete(self.run_dir)
         if step_dir is None:
             return 0
+        changed = changed_synthetic_folders(self.cfg, self.run_dir)
+        if changed:
+            raise ck.CheckpointError(
+                f"{self.run_dir}: its checkpoints were trained on synthetic folder(s) whose content has changed since "
+                f"({', '.join(changed)}: synthesized or filtered again); resuming would mix two datasets in one run: "
+                "train into a new run folder")
         state = ck.load_checkpoint(step_dir)
         frozen = ck.load_frozen(self.run_dir)
         if frozen is not None:

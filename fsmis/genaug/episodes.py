@@ -27,6 +27,10 @@ fraction of the training episodes drawn from them. As implemented:
   the case: training on it would leak that case into the model.
 - **Filtered slices.** Slices listed in the folder's ``synthetic.excluded_slices`` (written by
   the filters) are never used, as Setting 2 removes slices.
+- **Fingerprint.** Each folder's :func:`folder_fingerprint` (its dataset.json, which names the
+  generator, the sources, the edits, the filter settings and the excluded slices, and the name and
+  size of every file) goes into RUN/data.json; a run is never resumed, or reused as finished, on a
+  folder whose fingerprint changed since (a re-synthesized or re-filtered folder at the same path).
 """
 from __future__ import annotations
 
@@ -205,7 +209,8 @@ class SyntheticEpisodes:
             self.folders.append(Path(folder))
             self.samplers.append(sampler)
             excluded = pair.synthetic.excluded_slices
-            self.facts.append({"folder": str(Path(folder).resolve()), "tag": tag, "cases": len(pair.synthetic.case_ids),
+            self.facts.append({"folder": str(Path(folder).resolve()), "fingerprint": folder_fingerprint(folder),
+                               "tag": tag, "cases": len(pair.synthetic.case_ids),
                                "generator": pair.generator,
                                "excluded_slices": int(sum(len(v) for v in excluded.values())),
                                "filter": pair.synthetic.synthetic_block.get("filter")})
@@ -220,4 +225,32 @@ class SyntheticEpisodes:
         return {"pairing": self.pairing, "folders": self.facts}
 
 
-__all__ = ["SyntheticEpisodes", "GenaugError", "episode_counts", "is_synthetic", "ratio_fraction", "PAIRINGS"]
+def folder_fingerprint(folder) -> str:
+    """sha256 of a synthetic folder's dataset.json and of the relative path and size of every file in it
+    (cheap at any size: images are not read). Changes when the folder is synthesized or filtered again
+    with other settings, or a case is added, removed or rewritten with another size."""
+    import hashlib
+
+    root = Path(folder)
+    h = hashlib.sha256()
+    meta = root / "dataset.json"
+    h.update(meta.read_bytes() if meta.is_file() else b"")
+    for f in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(f"{f.relative_to(root).as_posix()}\0{f.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint_conflicts(saved: dict | None, folders) -> list[str]:
+    """The synthetic folders (of ``folders``) whose fingerprint differs from the one a run recorded in
+    its data.json (``saved``); [] when the run recorded none (trained without synthetic episodes, or
+    before fingerprints were recorded)."""
+    recorded = (saved or {}).get("synthetic_fingerprints") or {}
+    out = []
+    for folder in folders:
+        key = str(Path(folder).resolve())
+        if key in recorded and recorded[key] != folder_fingerprint(folder):
+            out.append(key)
+    return out
+
+
+__all__ = ["SyntheticEpisodes", "folder_fingerprint", "fingerprint_conflicts", "GenaugError", "episode_counts", "is_synthetic", "ratio_fraction", "PAIRINGS"]

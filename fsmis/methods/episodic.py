@@ -102,7 +102,9 @@ class EpisodicMethod(Method):
         return {"name": self.dataset.name, "image_dir": str(Path(self.dataset.image_dir).resolve()),
                 "cases": list(self.dataset.case_ids), "fold": f.fold, "support": f.support,
                 "queries": list(f.queries), "train": list(self.train_cases), "validation": list(self.val_cases),
-                **({"synthetic": [x["folder"] for x in self.genaug.facts]} if self.genaug is not None else {})}
+                **({"synthetic": [x["folder"] for x in self.genaug.facts],
+                    "synthetic_fingerprints": {x["folder"]: x["fingerprint"] for x in self.genaug.facts}}
+                   if self.genaug is not None else {})}
 
     def episodes(self, step: int, micro: int):
         """The episodes of micro-batch ``micro`` of step ``step``, from a generator seeded by (seed, step,
