@@ -44,10 +44,10 @@ def test_demo_genaug_end_to_end_and_reuse(tmp_path):
     assert res["sdfsmis"]["in_domain"]["protocol"]["support_from_mask"] is None
     # the genaug training: same config as the demo run but the genaug section, same steps, counted episodes
     a = yaml.safe_load((work / "run" / "config.yaml").read_text())
-    b = yaml.safe_load((work / "run_genaug" / "config.yaml").read_text())
+    b = yaml.safe_load((work / "run_genaug_nofilter" / "config.yaml").read_text())
     assert b["genaug"]["ratio"] == 0.5 and Path(b["genaug"]["data"][0]) == (out / "synthetic").resolve()
     assert {k: v for k, v in a.items() if k != "genaug"} == {k: v for k, v in b.items() if k != "genaug"}
-    summary = json.loads((work / "run_genaug" / "train_summary.json").read_text())
+    summary = json.loads((work / "run_genaug_nofilter" / "train_summary.json").read_text())
     assert summary["episodes"] == {"real": 8, "synthetic": 8}  # 4 steps x 4 episodes, half synthetic
     report = (out / "report.md").read_text()
     assert "sdfsmis+genaug" in report and "mask-support" in report and "One seed" in report
@@ -56,3 +56,16 @@ def test_demo_genaug_end_to_end_and_reuse(tmp_path):
     again = _run(tmp_path, "--no-filter")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "training the demo" not in again.stdout and "reusing the trained demo model" in again.stdout
+    # the default filters (memorisation; agreement off by default): a second genaug run beside the first,
+    # on the filtered folder, the demo run reused
+    filtered = _run(tmp_path)
+    assert filtered.returncode == 0, filtered.stdout[-2000:] + filtered.stderr[-3000:]
+    assert filtered.stdout.count("training the demo SD-FSMIS") == 1 and "reusing the trained demo model" in filtered.stdout
+    res = json.loads((out / "results.json").read_text())
+    counts = res["genaug"]["filter"]
+    assert counts["removed_by_agreement"] == 0 and counts["slices_out"] == counts["slices_in"] - counts["removed_by_memorisation"]
+    c = yaml.safe_load((work / "run_genaug" / "config.yaml").read_text())
+    assert Path(c["genaug"]["data"][0]) == (out / "synthetic_filtered").resolve()
+    assert json.loads((out / "synthetic_filtered" / "filter.json").read_text())["settings"]["min_dice"] is None
+    assert "Default filters (memorisation)" in (out / "report.md").read_text()
+    assert (work / "run_genaug_nofilter" / "train_summary.json").is_file()  # the unfiltered run is kept

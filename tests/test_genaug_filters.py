@@ -175,6 +175,16 @@ def test_cli(env, tmp_path):
     assert not (tmp_path / "o2").exists()
     p = run(["tools/filter_synthetic.py", "--data", syn, "--real", real, "--out", tmp_path / "o3", "--min-dice", "2"])
     assert p.returncode == 2 and "between 0 and 1" in p.stderr
+    # --default-filters: memorisation, no agreement (so no segmenter run needed) unless --min-dice is given
+    p = run(["tools/filter_synthetic.py", "--data", syn, "--real", real, "--out", tmp_path / "o4", "--default-filters",
+             "--quiet"])
+    assert p.returncode == 0, p.stderr[-1500:]
+    settings = json.loads((tmp_path / "o4" / "filter.json").read_text())["settings"]
+    assert settings["min_dice"] is None and settings["no_memorised"] is True
+    p = run(["tools/filter_synthetic.py", "--data", syn, "--real", real, "--out", tmp_path / "o5", "--default-filters",
+             "--min-dice", "0.3"])
+    clean_error(p, "--checkpoint")  # agreement asked for: it needs the segmenter
+    assert not (tmp_path / "o5").exists()
     shutil.rmtree(tmp_path / "out")
 
 

@@ -8,10 +8,12 @@ cached under --work, like `make demo` (whose data, VAE, generator and trained ru
    supervoxels (--work/generator_mr), for MR supports;
 2. synthetic CT cases (tools/synthesize.py): --per-case edited mask volumes of each of the CT
    generator's training cases (the SD-FSMIS fold-0 training cases), in OUT/synthetic;
-3. the default filters (tools/filter_synthetic.py --default-filters: agreement of the demo run at
-   tau = 0.5, memorisation) into OUT/synthetic_filtered (--no-filter: train on OUT/synthetic as is);
+3. the default filters (tools/filter_synthetic.py --default-filters: memorisation; the agreement
+   filter is off by default, measured) into OUT/synthetic_filtered (--no-filter: train on
+   OUT/synthetic as is);
 4. SD-FSMIS + synthetic episodes: the demo run's config and seed with genaug.data=<that folder> and
-   genaug.ratio=--ratio, the same number of steps (an equal training budget), in --work/run_genaug;
+   genaug.ratio=--ratio, the same number of steps (an equal training budget), in --work/run_genaug
+   (with --no-filter --work/run_genaug_nofilter: each cached beside the other);
 5. evaluation (canonical protocol, EP1, 1-shot, per-volume 3D Dice; in-domain CT fold 0,
    cross-domain all 5 folds of the MR phantom) of:
      sdfsmis                      the demo run
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     from fsmis.data.datasets import open_dataset
     from fsmis.evaluation.protocol import Evaluator, ProtocolConfig
     from fsmis.evaluation.results import atomic_write_json, atomic_write_text, write_results
-    from fsmis.genaug.filters import DEFAULT_MIN_DICE, filter_synthetic
+    from fsmis.genaug.filters import default_filter_settings, describe_settings, filter_synthetic
     from fsmis.genaug.support import SyntheticSupport
     from fsmis.genaug.synthesize import synthesize
     from fsmis.genaug.zeroshot import MaskSupportGenerator, MaskSupportSource
@@ -134,15 +136,17 @@ def main(argv=None) -> int:
     if not args.no_filter:
         t1 = time.time()
         train_dir = out / "synthetic_filtered"
-        filt = filter_synthetic(synth_dir, ct_dir, train_dir, min_dice=DEFAULT_MIN_DICE, checkpoint=work / "run",
-                                no_memorised=True, device="cpu", progress=progress, overwrite=True)
+        settings = default_filter_settings()
+        filt = filter_synthetic(synth_dir, ct_dir, train_dir, **settings, device="cpu", progress=progress,
+                                checkpoint=work / "run" if settings["min_dice"] is not None else None, overwrite=True)
         timings["filter_s"] = round(time.time() - t1, 1)
 
     # 4. SD-FSMIS with synthetic episodes, at the same number of steps
     t1 = time.time()
     ga = [*base, f"genaug.data=[{train_dir.resolve()}]", f"genaug.ratio={args.ratio}",
           *([f"genaug.pairing={args.pairing}"] if args.pairing else [])]
-    cfg_g, summary_g = D.train_demo_model(Path(args.config), work / "run_genaug", ga, progress)
+    run_genaug = work / ("run_genaug_nofilter" if args.no_filter else "run_genaug")
+    cfg_g, summary_g = D.train_demo_model(Path(args.config), run_genaug, ga, progress)
     pairing = cfg_g.genaug.pairing
     timings["train_genaug_s"] = round(time.time() - t1, 1)
 
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
     m = args.synthetic_support
     variants = {
         "sdfsmis": {"in_domain": sd, "cross_domain": sd},
-        "sdfsmis+genaug": {s: D.trained_predictor(work / "run_genaug", cfg_g) for s in ("in_domain", "cross_domain")},
+        "sdfsmis+genaug": {s: D.trained_predictor(run_genaug, cfg_g) for s in ("in_domain", "cross_domain")},
         "sdfsmis+synthetic-support": {
             "in_domain": SyntheticSupport(sd, gen_ct, m, "CT", seed=args.synth_seed, steps=args.sample_steps),
             "cross_domain": SyntheticSupport(sd, gen_mr, m, "MR", seed=args.synth_seed, steps=args.sample_steps)},
@@ -200,7 +204,7 @@ def main(argv=None) -> int:
     lines.append(f"- sdfsmis+mask-support (MR supports generated from CT masks, no MR annotation): {zs:.2f} "
                  f"cross-domain, against {base_x:.2f} with real MR supports.")
     fc = filt["counts"] if filt else None
-    filt_line = (f"Default filters (agreement tau {DEFAULT_MIN_DICE} with the demo run, memorisation): "
+    filt_line = (f"Default filters ({describe_settings(filt['settings'])}): "
                  f"{fc['slices_out']} of {fc['slices_in']} slices kept (removed: agreement {fc['removed_by_agreement']}, "
                  f"memorisation {fc['removed_by_memorisation']}); {fc['cases_out']} of {fc['cases_in']} cases."
                  if fc else "No filter (--no-filter).")
