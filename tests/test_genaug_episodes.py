@@ -227,3 +227,29 @@ def test_a_run_is_not_resumed_or_reused_on_a_remade_synthetic_folder(env, tmp_pa
     with pytest.raises(ValueError, match=str(syn.resolve())):
         D.ensure_trained(cfg, run, progress=False)
     assert (run / "train_summary.json").is_file()  # nothing of the run was removed
+
+
+def test_same_episodes_tells_a_copy_from_a_filtered_folder(env, tmp_path):
+    """tools/same_episodes.py: a copy of the synthetic folder gives the run every episode unchanged; the
+    folder with slices excluded changes some; a run without synthetic episodes is refused."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from same_episodes import main, same_episodes
+
+    sources = {"101": "1", "102": "2", "103": "3"}
+    copy = write_synthetic(tmp_path / "copy", env["real"], sources)
+    filtered = write_synthetic(tmp_path / "filtered", env["real"], sources,
+                               excluded={sid: [3, 4, 5] for sid in sources})
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(_config(tmp_path, env["real"], genaug={"data": [str(env["syn"])], "ratio": 0.5}), run / "config.yaml")
+    r = same_episodes(run, env["syn"], copy)
+    assert r["episodes"] == 4 * 2 * 2 and r["synthetic_in_a"] == 8 and r["identical"] == 16
+    assert r["first_difference"] is None
+    r = same_episodes(run, env["syn"], filtered)
+    assert r["identical"] < 16 and r["first_difference"]["a"]["synthetic"]
+    assert sorted(run.iterdir()) == [run / "config.yaml"]  # nothing written
+    shutil.copy(_config(tmp_path, env["real"]), run / "config.yaml")
+    with pytest.raises(ValueError, match="genaug.ratio is 0"):
+        main(["--run", str(run), "--a", str(env["syn"]), "--b", str(copy), "--quiet"])
