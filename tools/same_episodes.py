@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 try:
@@ -30,15 +29,19 @@ from fsmis.cli import positive_int  # noqa: E402
 
 
 def episode_stream(run: Path, folder: Path, overrides=()):
-    """The training method of RUN's config on the synthetic folder ``folder`` (nothing written)."""
+    """RUN's config on the synthetic folder ``folder`` and its training method with the data set up and
+    no model built (drawing episodes needs no weights; nothing is written)."""
     from fsmis.config import load_config
-    from fsmis.engine.trainer import Trainer
+    from fsmis.engine.method import method_class
 
     cfg = load_config(run / "config.yaml", [f"genaug.data=[{folder}]", *overrides])
     if cfg.genaug.ratio <= 0:
         raise ValueError(f"{run / 'config.yaml'}: genaug.ratio is 0: this run draws no synthetic episode")
-    with tempfile.TemporaryDirectory() as tmp:  # setup() never writes, but its run folder must not be RUN
-        return cfg, Trainer(cfg, Path(tmp) / "run", "cpu", progress=False).setup().method
+    method = method_class(cfg.method)(cfg, "cpu")
+    if not getattr(method, "supports_genaug", False):
+        raise ValueError(f"{run / 'config.yaml'}: method {cfg.method!r} does not train on episodes")
+    method.setup_data()
+    return cfg, method
 
 
 def same_episodes(run, a, b, steps: int | None = None, overrides=(), progress: bool = False) -> dict:

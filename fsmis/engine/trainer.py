@@ -122,7 +122,7 @@ def changed_synthetic_folders(cfg, run_dir) -> list[str]:
 
     from .runs import DATA_NAME
 
-    if not getattr(cfg, "genaug", None) or cfg.genaug.ratio <= 0:
+    if cfg.genaug.ratio <= 0:
         return []
     path = Path(run_dir) / DATA_NAME
     if not path.is_file():
