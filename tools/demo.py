@@ -240,6 +240,25 @@ def ensure_demo_parts(args, *, mr_supervoxels: bool = False, generator: bool = T
                      gen_summary=gen_summary, gen_mr=gen_mr, timings=timings)
 
 
+def dice_table(all_results: dict, oracle: dict, oracle_label: str, cross_domain: bool) -> list[str]:
+    """The demo reports' summary table (markdown lines): per-class in-domain Dice of every method,
+    its mean, the cross-domain mean when `cross_domain`, and the VAE-reconstruction oracle row."""
+    classes = all_results["support-copy"]["in_domain"]["protocol"]["test_classes"]
+    pre = "in-domain " if cross_domain else ""
+    head = ("| method | " + " | ".join(f"{pre}{c}" for c in classes) + f" | {pre}mean |"
+            + (" cross-domain mean |" if cross_domain else ""))
+    rows = [head, "|---|" + "---|" * (len(classes) + 1 + cross_domain)]
+    for name, r in all_results.items():
+        rows.append(f"| {name} | " + " | ".join(f"{100 * r['in_domain']['per_class'][c]:.2f}" for c in classes)
+                    + f" | {100 * r['in_domain']['mean_dice']:.2f} |"
+                    + (f" {100 * r['cross_domain']['mean_dice']:.2f} |" if cross_domain else ""))
+    if oracle.get("dice"):
+        rows.append(f"| {oracle_label} | "
+                    + " | ".join(f"{100 * oracle['dice'][c]:.2f}" if c in oracle["dice"] else "–" for c in classes)
+                    + f" | {100 * oracle['mean_dice']:.2f} |" + (" – |" if cross_domain else ""))
+    return rows
+
+
 def add_generator_arguments(p: argparse.ArgumentParser) -> None:
     """The demo generator's options (shared by demo.py, seeds.py and demo_generator.py)."""
     from fsmis.cli import positive_int
@@ -341,17 +360,8 @@ def main(argv=None) -> int:
             sections.append(results_markdown(res, title) + f"\n![{title}](figures/{png.name})\n")
     timings["total_s"] = round(time.time() - t0, 1)
 
-    classes = all_results["support-copy"]["in_domain"]["protocol"]["test_classes"]
-    head = "| method | " + " | ".join(f"in-domain {c}" for c in classes) + " | in-domain mean | cross-domain mean |"
-    summary_rows = [head, "|---|" + "---|" * (len(classes) + 2)]
-    for name, r in all_results.items():
-        summary_rows.append(f"| {name} | " + " | ".join(f"{100 * r['in_domain']['per_class'][c]:.2f}" for c in classes)
-                            + f" | {100 * r['in_domain']['mean_dice']:.2f} | {100 * r['cross_domain']['mean_dice']:.2f} |")
-    oracle = vae_report.get("eval", {})
-    if oracle.get("dice"):
-        summary_rows.append("| oracle (VAE mask reconstruction, all CT cases) | "
-                            + " | ".join(f"{100 * oracle['dice'][c]:.2f}" if c in oracle["dice"] else "–" for c in classes)
-                            + f" | {100 * oracle['mean_dice']:.2f} | – |")
+    summary_rows = dice_table(all_results, vae_report.get("eval", {}),
+                              "oracle (VAE mask reconstruction, all CT cases)", cross_domain=True)
     sd_in = 100 * all_results["sdfsmis"]["in_domain"]["mean_dice"]
     sc_in = 100 * all_results["support-copy"]["in_domain"]["mean_dice"]
     verdict = (f"SD-FSMIS {'beats' if sd_in > sc_in else 'does NOT beat'} support-copy in-domain: "

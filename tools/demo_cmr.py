@@ -147,17 +147,8 @@ def main(argv=None) -> int:
                              baseline_label="support-copy (fold test Dice)")
     timings["total_s"] = round(time.time() - t0, 1)
 
-    classes = all_results["support-copy"]["in_domain"]["protocol"]["test_classes"]
-    head = "| method | " + " | ".join(classes) + " | mean |"
-    rows_md = [head, "|---|" + "---|" * (len(classes) + 1)]
-    for name, r in all_results.items():
-        rows_md.append(f"| {name} | " + " | ".join(f"{100 * r['in_domain']['per_class'][c]:.2f}" for c in classes)
-                       + f" | {100 * r['in_domain']['mean_dice']:.2f} |")
-    oracle = vae_report.get("eval", {})
-    if oracle.get("dice"):
-        rows_md.append("| oracle (VAE mask reconstruction) | "
-                       + " | ".join(f"{100 * oracle['dice'][c]:.2f}" if c in oracle["dice"] else "–" for c in classes)
-                       + f" | {100 * oracle['mean_dice']:.2f} |")
+    rows_md = D.dice_table(all_results, vae_report.get("eval", {}), "oracle (VAE mask reconstruction)",
+                           cross_domain=False)
     sd = 100 * all_results["sdfsmis"]["in_domain"]["mean_dice"]
     sc = 100 * all_results["support-copy"]["in_domain"]["mean_dice"]
     verdict = (f"SD-FSMIS {'beats' if sd > sc else 'does NOT beat'} support-copy on Card-MRI fold {fold}: "
