@@ -188,3 +188,34 @@ def test_ddp_two_processes_on_cpu(tmp_path, tiny_data):
     w = _weights(tmp_path / "ddp")
     assert all(torch.isfinite(v).all() for v in w.values() if v.dtype.is_floating_point)
     assert ck.read_index(tmp_path / "ddp")["last"] == "step_2"
+
+
+def test_resume_and_reuse_refuse_a_run_whose_training_data_changed(tmp_path):
+    """RUN/data.json records what the run trained on; once the dataset at the same path holds other
+    cases, resuming is refused (CheckpointError naming what changed) and so is reusing the finished run,
+    and the run is left as it was; the unchanged data resumes, and the comparison ignores where the data
+    lie (a moved folder is the same data)."""
+    from fsmis.engine.runs import data_changes, data_conflicts, read_data_identity
+
+    data = tmp_path / "ct"
+    make_phantom_dataset(data, modality="ct", n_cases=5, seed=3, shape=(10, 48, 48), supervoxels=True,
+                         progress=False)
+    cfg = load_config(_config(tmp_path, data), ["train.max_steps=2"])
+    run = tmp_path / "run"
+    Trainer(cfg, run, "cpu", progress=False).setup().fit()
+    saved = read_data_identity(run)
+    assert Trainer(cfg, run, "cpu", progress=False).setup().resume() == 2 and data_conflicts(cfg, run) == []
+    assert data_changes(saved, {**saved, "image_dir": "/elsewhere"}) == []  # where the data lie: not compared
+
+    make_phantom_dataset(data, modality="ct", n_cases=6, seed=3, shape=(10, 48, 48), supervoxels=True,
+                         progress=False, overwrite=True)
+    changed = data_conflicts(cfg, run)
+    assert any(c.startswith("cases:") for c in changed), changed
+    with pytest.raises(ck.CheckpointError, match="trained on other data.*cases"):
+        Trainer(cfg, run, "cpu", progress=False).setup().resume()
+    sys.path.insert(0, str(ROOT / "tools"))
+    import demo as D
+
+    with pytest.raises(ValueError, match="trained on other data"):
+        D.ensure_trained(cfg, run, progress=False)
+    assert read_data_identity(run) == saved and (run / "train_summary.json").is_file()

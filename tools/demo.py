@@ -121,12 +121,14 @@ def trained_predictor(run: Path, cfg):
 def ensure_trained(cfg, run: Path, progress: bool, describe=None, name: str = "run"):
     """Train ``cfg`` into ``run`` through the engine, or reuse a finished run of the same config
     (post-processing and weight-neutral logging keys aside), or resume an interrupted one. A run
-    folder holding another config is never deleted: a ValueError names the keys that differ.
-    ``describe(trainer)`` gives the line printed before training.
+    folder holding another config is never deleted: a ValueError names the keys that differ; a
+    finished run of the same config whose data changed since (fsmis.engine.runs.data_changes) is
+    refused the same way, and resuming one raises CheckpointError. ``describe(trainer)`` gives the line printed before training.
     Returns the training summary."""
     from fsmis.config import load_config
     from fsmis.engine import checkpoints as ck
-    from fsmis.engine.trainer import Trainer, changed_synthetic_folders
+    from fsmis.engine.runs import data_conflicts
+    from fsmis.engine.trainer import Trainer
 
     saved = run / "config.yaml"
     if saved.is_file():
@@ -135,12 +137,12 @@ def ensure_trained(cfg, run: Path, progress: bool, describe=None, name: str = "r
             shown = "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
             raise ValueError(f"{run} holds a {name} trained with another config ({shown}); "
                              f"give another --work/--out folder, or delete {run} to train it again")
-    changed = changed_synthetic_folders(cfg, run)
-    if changed:  # the same config on re-made synthetic data: neither reuse nor resume, never delete
-        raise ValueError(f"{run} holds a {name} trained on other contents of its synthetic folder(s) "
-                         f"({', '.join(changed)}); give another --work/--out folder, or delete {run} to train it again")
     idx = ck.read_index(run)
     if idx.get("last") == f"step_{cfg.train.max_steps}" and (run / "train_summary.json").is_file():
+        changed = data_conflicts(cfg, run)
+        if changed:  # the same config on other data: not reused (resuming refuses it too), never deleted
+            raise ValueError(f"{run} holds a {name} trained on other data ({'; '.join(changed)}); "
+                             f"give another --work/--out folder, or delete {run} to train it again")
         print(f"reusing the trained {name} in {run}")
         return json.loads((run / "train_summary.json").read_text())
     tr = Trainer(cfg, run, progress=progress).setup()

@@ -32,16 +32,12 @@ def episode_stream(run: Path, folder: Path, overrides=()):
     """RUN's config on the synthetic folder ``folder`` and its training method with the data set up and
     no model built (drawing episodes needs no weights; nothing is written)."""
     from fsmis.config import load_config
-    from fsmis.engine.method import method_class
+    from fsmis.engine.method import method_with_data
 
     cfg = load_config(run / "config.yaml", [f"genaug.data=[{folder}]", *overrides])
     if cfg.genaug.ratio <= 0:
         raise ValueError(f"{run / 'config.yaml'}: genaug.ratio is 0: this run draws no synthetic episode")
-    method = method_class(cfg.method)(cfg, "cpu")
-    if not getattr(method, "supports_genaug", False):
-        raise ValueError(f"{run / 'config.yaml'}: method {cfg.method!r} does not train on episodes")
-    method.setup_data()
-    return cfg, method
+    return cfg, method_with_data(cfg)
 
 
 def same_episodes(run, a, b, steps: int | None = None, overrides=(), progress: bool = False) -> dict:

@@ -173,8 +173,21 @@ def method_class(name: str) -> type:
     return cls
 
 
+def method_with_data(cfg, device: torch.device | str = "cpu", rank: int = 0, world: int = 1) -> Method:
+    """``cfg``'s method with its training data opened and no model built: what the trainer starts
+    from, and all that drawing episodes or the data's identity (RUN/data.json) needs."""
+    method = method_class(cfg.method)(cfg, device, rank, world)
+    if cfg.genaug.ratio > 0 and not method.supports_genaug:
+        from ..config import ConfigError
+
+        raise ConfigError(f"genaug.ratio={cfg.genaug.ratio:g}: method {cfg.method!r} does not train on episodes; "
+                          "synthetic episodes are for the episodic methods (genaug.ratio=0)")
+    method.setup_data()
+    return method
+
+
 def known_methods() -> list[str]:
     return sorted(set(_BUILTIN) | set(_REGISTRY))
 
 
-__all__ = ["Method", "register_method", "method_class", "known_methods"]
+__all__ = ["Method", "register_method", "method_class", "method_with_data", "known_methods"]

@@ -28,6 +28,47 @@ from .method import method_class
 
 
 DATA_NAME = "data.json"
+# keys of a data identity that say where the data lie, not what they are: not compared on resume or reuse
+PLACE_KEYS = frozenset({"image_dir", "datasets", "synthetic"})
+
+
+def read_data_identity(run) -> dict | None:
+    """RUN/data.json (what the run trained on, from ``Method.data_identity``), or None without one."""
+    import json
+
+    p = Path(run) / DATA_NAME
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+
+def data_changes(saved: dict | None, current: dict | None) -> list[str]:
+    """What differs between the data a run recorded (``saved``, RUN/data.json) and the data its config
+    gives now (``current``): one line per differing key (cases, fold, training and validation cases,
+    ...) and per synthetic folder whose contents changed (fsmis.genaug.episodes.folder_fingerprint).
+    Where the data lie (:data:`PLACE_KEYS`) is not compared, so a moved folder is the same data; a key
+    either side lacks (a run recorded by an earlier version) is skipped. [] when either is None."""
+    import json
+
+    if not saved or not current:
+        return []
+    current = json.loads(json.dumps(current))  # as data.json holds it (tuples as lists)
+    out = []
+    for key in sorted((saved.keys() & current.keys()) - PLACE_KEYS):
+        then, now = saved[key], current[key]
+        if key == "synthetic_fingerprints":
+            out += [f"synthetic folder {folder}: other contents (synthesized or filtered again)"
+                    for folder, fp in now.items() if fp not in set(then.values())]
+        elif then != now:
+            out.append(f"{key}: {json.dumps(then)[:80]} then, {json.dumps(now)[:80]} now")
+    return out
+
+
+def data_conflicts(cfg: Config, run) -> list[str]:
+    """:func:`data_changes` between RUN/data.json and the data ``cfg`` gives now (the data are opened,
+    no model is built); [] when the run recorded none."""
+    from .method import method_with_data
+
+    saved = read_data_identity(run)
+    return data_changes(saved, method_with_data(cfg).data_identity()) if saved else []
 
 
 def environment(device=None) -> dict:
@@ -79,10 +120,7 @@ class LoadedRun:
     @property
     def data_identity(self) -> dict | None:
         """RUN/data.json: the training dataset's name, resolved image folder and cases (or None)."""
-        import json
-
-        p = self.run_dir / DATA_NAME
-        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+        return read_data_identity(self.run_dir)
 
     @property
     def step(self) -> int:
@@ -134,4 +172,5 @@ def load_run(path: str | Path, which: str = "best", device: str | None = None, c
     return LoadedRun(run, step_dir, cfg, method, weights)
 
 
-__all__ = ["LoadedRun", "load_run", "run_folder", "config_conflicts"]
+__all__ = ["LoadedRun", "load_run", "run_folder", "config_conflicts", "read_data_identity", "data_changes",
+           "data_conflicts", "DATA_NAME"]

@@ -29,8 +29,8 @@ import torch
 from ..atomic import atomic_write_json
 from ..config import Config, save_config
 from . import checkpoints as ck
-from .method import method_class
-from .runs import environment
+from .method import method_with_data
+from .runs import data_changes, environment, read_data_identity
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -115,23 +115,6 @@ class _LossModule(torch.nn.Module):
         return self._method[0].loss(batch, generator)
 
 
-def changed_synthetic_folders(cfg, run_dir) -> list[str]:
-    """The ``genaug.data`` folders of ``cfg`` whose fingerprint differs from the one RUN/data.json recorded
-    (fsmis.genaug.episodes.folder_fingerprint): a run must not resume, or be reused as finished, on them."""
-    import json
-
-    from .runs import DATA_NAME
-
-    if cfg.genaug.ratio <= 0:
-        return []
-    path = Path(run_dir) / DATA_NAME
-    if not path.is_file():
-        return []
-    from ..genaug.episodes import fingerprint_conflicts
-
-    return fingerprint_conflicts(json.loads(path.read_text(encoding="utf-8")), cfg.genaug.data)
-
-
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, device: str | None = None, progress: bool = True):
         self.cfg = cfg
@@ -156,13 +139,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         # TF32 matmuls on CUDA (no effect on a CPU): off by default (exact fp32), on as released
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
-        self.method = method_class(cfg.method)(cfg, self.device, self.rank, self.world)
-        if cfg.genaug.ratio > 0 and not self.method.supports_genaug:
-            from ..config import ConfigError
-
-            raise ConfigError(f"genaug.ratio={cfg.genaug.ratio:g}: method {cfg.method!r} does not train on episodes; "
-                              "synthetic episodes are for the episodic methods (genaug.ratio=0)")
-        self.method.setup_data()
+        self.method = method_with_data(cfg, self.device, self.rank, self.world)
         self.method.build()
         self.model = self.method.module
         self.model.to(self.device)
@@ -196,12 +173,11 @@ class Trainer:
         step_dir = ck.last_complete(self.run_dir)
         if step_dir is None:
             return 0
-        changed = changed_synthetic_folders(self.cfg, self.run_dir)
+        changed = data_changes(read_data_identity(self.run_dir), self.method.data_identity())
         if changed:
             raise ck.CheckpointError(
-                f"{self.run_dir}: its checkpoints were trained on synthetic folder(s) whose content has changed since "
-                f"({', '.join(changed)}: synthesized or filtered again); resuming would mix two datasets in one run: "
-                "train into a new run folder")
+                f"{self.run_dir}: its checkpoints were trained on other data than this config gives now "
+                f"({'; '.join(changed)}); resuming would mix two datasets in one run: train into a new run folder")
         state = ck.load_checkpoint(step_dir)
         frozen = ck.load_frozen(self.run_dir)
         if frozen is not None:

@@ -30,7 +30,8 @@ fraction of the training episodes drawn from them. As implemented:
 - **Fingerprint.** Each folder's :func:`folder_fingerprint` (its dataset.json, which names the
   generator, the sources, the edits, the filter settings and the excluded slices, and the name and
   size of every file) goes into RUN/data.json; a run is never resumed, or reused as finished, on a
-  folder whose fingerprint changed since (a re-synthesized or re-filtered folder at the same path).
+  folder whose contents changed since (a re-synthesized or re-filtered folder at the same path):
+  fsmis.engine.runs.data_changes compares it, with the rest of the run's data identity.
 """
 from __future__ import annotations
 
@@ -240,17 +241,4 @@ def folder_fingerprint(folder) -> str:
     return h.hexdigest()
 
 
-def fingerprint_conflicts(saved: dict | None, folders) -> list[str]:
-    """The synthetic folders (of ``folders``) whose fingerprint differs from the one a run recorded in
-    its data.json (``saved``); [] when the run recorded none (trained without synthetic episodes, or
-    before fingerprints were recorded)."""
-    recorded = (saved or {}).get("synthetic_fingerprints") or {}
-    out = []
-    for folder in folders:
-        key = str(Path(folder).resolve())
-        if key in recorded and recorded[key] != folder_fingerprint(folder):
-            out.append(key)
-    return out
-
-
-__all__ = ["SyntheticEpisodes", "folder_fingerprint", "fingerprint_conflicts", "GenaugError", "episode_counts", "is_synthetic", "ratio_fraction", "PAIRINGS"]
+__all__ = ["SyntheticEpisodes", "folder_fingerprint", "GenaugError", "episode_counts", "is_synthetic", "ratio_fraction", "PAIRINGS"]
